@@ -1,0 +1,153 @@
+#include <atomic>
+#include <cstring>
+#include <vector>
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "../checks.h"
+#include "../conv.h"
+#include "pairs.h"
+
+namespace sparseconv {
+
+namespace {
+
+template <typename scalar_t>
+void gather_rows(const scalar_t* src, int64_t ld, const int32_t* idx, int64_t n, scalar_t* dst) {
+  at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) std::memcpy(dst + j * ld, src + static_cast<int64_t>(idx[j]) * ld, ld * sizeof(scalar_t));
+  });
+}
+
+// Rows of idx are distinct (kernel_map.h), so the parallel scatter is race-free.
+template <typename scalar_t>
+void scatter_add_rows(const scalar_t* src, int64_t ld, const int32_t* idx, int64_t n, scalar_t* dst) {
+  at::parallel_for(0, n, 256, [&](int64_t b, int64_t e) {
+    for (int64_t j = b; j < e; ++j) {
+      scalar_t* d = dst + static_cast<int64_t>(idx[j]) * ld;
+      const scalar_t* s = src + j * ld;
+      for (int64_t c = 0; c < ld; ++c) d[c] += s[c];
+    }
+  });
+}
+
+void check_conv_args(const char* op, const at::Tensor& feats, const at::Tensor& weight, const at::Tensor& nbmap) {
+  check_feats(feats, op, "feats");
+  check_nbmap(nbmap, op);
+  TORCH_CHECK_VALUE(weight.dim() == 3, "sparseconv.", op, ": weight must be [K, C_in, C_out], got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == feats.scalar_type(), "sparseconv.", op, ": weight dtype ",
+                    weight.scalar_type(), " differs from feature dtype ", feats.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(0) == nbmap.size(1), "sparseconv.", op, ": weight has ", weight.size(0),
+                    " kernel offsets but the kernel map has ", nbmap.size(1));
+  TORCH_CHECK_VALUE(weight.size(1) == feats.size(1), "sparseconv.", op, ": features have ", feats.size(1),
+                    " channels but weight expects C_in = ", weight.size(1));
+  check_same_device(feats, weight, op, "feats", "weight");
+  check_same_device(feats, nbmap, op, "feats", "nbmap");
+}
+
+}  // namespace
+
+at::Tensor conv_forward_cpu(const at::Tensor& feats_in, const at::Tensor& weight, const at::Tensor& nbmap_in,
+                            int64_t num_out, bool transposed) {
+  check_conv_args("conv_forward", feats_in, weight, nbmap_in);
+  const int64_t m = nbmap_in.size(0), kvol = nbmap_in.size(1);
+  const int64_t n_src = feats_in.size(0);
+  if (transposed) {
+    TORCH_CHECK_VALUE(n_src == m, "sparseconv.conv_forward: transposed map has ", m, " rows but features have ",
+                      n_src);
+    TORCH_CHECK_VALUE(num_out >= 0, "sparseconv.conv_forward: num_out must be >= 0");
+  } else {
+    TORCH_CHECK_VALUE(num_out == m, "sparseconv.conv_forward: num_out = ", num_out, " but the kernel map has ", m,
+                      " output rows");
+  }
+  const at::Tensor feats = feats_in.contiguous(), nbmap = nbmap_in.contiguous();
+  const int64_t cin = feats.size(1), cout = weight.size(2);
+  at::Tensor out = at::zeros({num_out, cout}, feats.options());
+  if (m == 0 || num_out == 0 || cout == 0) return out;
+
+  const Pairs pairs = make_pairs(nbmap.data_ptr<int32_t>(), m, kvol, transposed, transposed ? num_out : n_src,
+                                 "conv_forward");
+  const int64_t max_n = pairs.max_count();
+  at::Tensor abuf = at::empty({max_n, cin}, feats.options());
+  at::Tensor pbuf = at::empty({max_n, cout}, feats.options());
+
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "sparseconv_conv_forward", [&] {
+    for (int64_t k = 0; k < kvol; ++k) {
+      const int64_t nk = pairs.count(k);
+      if (nk == 0) continue;
+      const int32_t* src = pairs.src.data() + pairs.start[k];
+      const int32_t* dst = pairs.dst.data() + pairs.start[k];
+      if (pairs.is_identity(k, n_src, num_out)) {
+        out.addmm_(feats, weight[k]);
+        continue;
+      }
+      at::Tensor a = abuf.narrow(0, 0, nk), p = pbuf.narrow(0, 0, nk);
+      gather_rows<scalar_t>(feats.data_ptr<scalar_t>(), cin, src, nk, a.data_ptr<scalar_t>());
+      at::mm_out(p, a, weight[k]);
+      scatter_add_rows<scalar_t>(p.data_ptr<scalar_t>(), cout, dst, nk, out.data_ptr<scalar_t>());
+    }
+  });
+  return out;
+}
+
+at::Tensor conv_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& nbmap,
+                               int64_t num_in, bool transposed) {
+  TORCH_CHECK_VALUE(weight.dim() == 3, "sparseconv.conv_input_grad: weight must be [K, C_in, C_out], got shape ",
+                    weight.sizes());
+  return conv_forward_cpu(grad_out, weight.transpose(1, 2), nbmap, num_in, !transposed);
+}
+
+at::Tensor conv_weight_grad_cpu(const at::Tensor& feats_in, const at::Tensor& grad_in, const at::Tensor& nbmap_in,
+                                bool transposed) {
+  const char* op = "conv_weight_grad";
+  check_feats(feats_in, op, "feats");
+  check_feats(grad_in, op, "grad_out");
+  check_nbmap(nbmap_in, op);
+  TORCH_CHECK_VALUE(feats_in.scalar_type() == grad_in.scalar_type(), "sparseconv.", op,
+                    ": feats and grad_out dtypes differ");
+  check_same_device(feats_in, grad_in, op, "feats", "grad_out");
+  check_same_device(feats_in, nbmap_in, op, "feats", "nbmap");
+  const int64_t m = nbmap_in.size(0), kvol = nbmap_in.size(1);
+  // Rows of the map index the output side (grad) unless transposed.
+  const at::Tensor& row_side = transposed ? feats_in : grad_in;
+  TORCH_CHECK_VALUE(row_side.size(0) == m, "sparseconv.", op, ": the kernel map has ", m, " rows but ",
+                    transposed ? "feats" : "grad_out", " has ", row_side.size(0));
+  const at::Tensor feats = feats_in.contiguous(), grad = grad_in.contiguous(), nbmap = nbmap_in.contiguous();
+  const int64_t cin = feats.size(1), cout = grad.size(1);
+  at::Tensor gw = at::zeros({kvol, cin, cout}, feats.options());
+  if (m == 0) return gw;
+  const int64_t n_feat = feats.size(0), n_grad = grad.size(0);
+  const Pairs pairs = make_pairs(nbmap.data_ptr<int32_t>(), m, kvol, transposed, transposed ? n_grad : n_feat, op);
+  const int64_t max_n = pairs.max_count();
+  at::Tensor abuf = at::empty({max_n, cin}, feats.options());
+  at::Tensor bbuf = at::empty({max_n, cout}, feats.options());
+  AT_DISPATCH_FLOATING_TYPES(feats.scalar_type(), "sparseconv_conv_weight_grad", [&] {
+    for (int64_t k = 0; k < kvol; ++k) {
+      const int64_t nk = pairs.count(k);
+      if (nk == 0) continue;
+      at::Tensor gk = gw[k];
+      if (pairs.is_identity(k, n_feat, n_grad)) {
+        at::mm_out(gk, feats.t(), grad);
+        continue;
+      }
+      at::Tensor a = abuf.narrow(0, 0, nk), b = bbuf.narrow(0, 0, nk);
+      gather_rows<scalar_t>(feats.data_ptr<scalar_t>(), cin, pairs.src.data() + pairs.start[k], nk,
+                            a.data_ptr<scalar_t>());
+      gather_rows<scalar_t>(grad.data_ptr<scalar_t>(), cout, pairs.dst.data() + pairs.start[k], nk,
+                            b.data_ptr<scalar_t>());
+      at::mm_out(gk, a.t(), b);
+    }
+  });
+  return gw;
+}
+
+TORCH_LIBRARY_IMPL(sparseconv, CPU, m) {
+  m.impl("conv_forward", &conv_forward_cpu);
+  m.impl("conv_input_grad", &conv_input_grad_cpu);
+  m.impl("conv_weight_grad", &conv_weight_grad_cpu);
+}
+
+}  // namespace sparseconv

@@ -1,0 +1,30 @@
+// Operator schemas of the sparseconv library, defined once.  Kernels are
+// registered per backend in csrc/cpu and csrc/cuda; fake (meta) kernels and
+// autograd formulas are registered from Python (sparseconv/ops.py).
+#include <Python.h>
+
+#include <torch/library.h>
+
+extern "C" {
+// Importing sparseconv._C runs the static TORCH_LIBRARY registrations.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(sparseconv, m) {
+  m.def("hash_build(Tensor coords, int[] shape) -> (Tensor, Tensor)");
+  m.def("hash_query(Tensor keys, Tensor values, Tensor queries, int[] shape) -> Tensor");
+  m.def("kmap_submanifold(Tensor keys, Tensor values, Tensor coords, int[] shape, int[] kernel_size, "
+        "int[] dilation) -> Tensor");
+  m.def("kmap_strided(Tensor coords, int[] shape, int[] out_spatial, int[] kernel_size, int[] stride, "
+        "int[] padding, int[] dilation, bool transposed) -> (Tensor, Tensor)");
+  m.def("conv_forward(Tensor feats, Tensor weight, Tensor nbmap, SymInt num_out, bool transposed) -> Tensor");
+  m.def("conv_input_grad(Tensor grad_out, Tensor weight, Tensor nbmap, SymInt num_in, bool transposed) -> Tensor");
+  m.def("conv_weight_grad(Tensor feats, Tensor grad_out, Tensor nbmap, bool transposed) -> Tensor");
+  m.def("maxpool_forward(Tensor feats, Tensor nbmap) -> (Tensor, Tensor)");
+  m.def("maxpool_backward(Tensor grad_out, Tensor argmax, SymInt num_in) -> Tensor");
+  m.def("avgpool_forward(Tensor feats, Tensor nbmap, bool count_inactive) -> Tensor");
+  m.def("avgpool_backward(Tensor grad_out, Tensor nbmap, SymInt num_in, bool count_inactive) -> Tensor");
+}

@@ -1,0 +1,12 @@
+"""sparseconv: 3D sparse convolution for LiDAR point clouds and sparse volumes.
+
+Importing the package loads the C++ operator library; it never queries a GPU.
+"""
+from . import ops  # noqa: F401  (registers fake kernels and autograd formulas)
+from . import nn  # noqa: F401
+from .coords import CoordinateSet
+from .tensor import SparseTensor, cat
+
+__version__ = "0.1.0"
+
+__all__ = ["SparseTensor", "CoordinateSet", "cat", "nn", "ops", "__version__"]

@@ -1,0 +1,243 @@
+"""Low-level custom operators of sparseconv (``torch.ops.sparseconv.*``).
+
+The schemas are defined once in C++ (``csrc/sparseconv.cpp``) with
+``TORCH_LIBRARY``; CPU kernels live in ``csrc/cpu`` and CUDA kernels in
+``csrc/cuda``.  This module registers, from Python, the fake (meta) kernels
+used by ``torch.compile``/``torch.export`` and the autograd formulas, and
+exposes thin typed wrappers.  Every op has a pure-PyTorch twin in
+:mod:`sparseconv.reference`.
+
+Kernel maps (``nbmap``) are int32 ``[M, K]`` tensors: ``nbmap[o, k]`` is the
+input row that kernel offset ``k`` of output row ``o`` reads, or ``-1``.
+Offsets are enumerated x-major: ``k = (kx * KY + ky) * KZ + kz``.
+"""
+from __future__ import annotations
+
+from typing import Sequence, Tuple
+
+import torch
+
+from . import _C  # noqa: F401  (loads the operator library)
+
+__all__ = [
+    "hash_build",
+    "hash_query",
+    "kmap_submanifold",
+    "kmap_strided",
+    "conv_forward",
+    "conv_input_grad",
+    "conv_weight_grad",
+    "maxpool_forward",
+    "maxpool_backward",
+    "avgpool_forward",
+    "avgpool_backward",
+    "OP_NAMES",
+]
+
+_ops = torch.ops.sparseconv
+
+#: Names of every operator in the ``sparseconv`` namespace.
+OP_NAMES = (
+    "hash_build",
+    "hash_query",
+    "kmap_submanifold",
+    "kmap_strided",
+    "conv_forward",
+    "conv_input_grad",
+    "conv_weight_grad",
+    "maxpool_forward",
+    "maxpool_backward",
+    "avgpool_forward",
+    "avgpool_backward",
+)
+
+
+# --------------------------------------------------------------------------
+# Fake kernels (shapes only), for torch.compile / export / opcheck.
+# --------------------------------------------------------------------------
+def _kernel_volume(kernel_size: Sequence[int]) -> int:
+    return int(kernel_size[0]) * int(kernel_size[1]) * int(kernel_size[2])
+
+
+@torch.library.register_fake("sparseconv::hash_build")
+def _hash_build_fake(coords, shape):
+    cap = torch.library.get_ctx().new_dynamic_size()
+    return coords.new_empty((cap,), dtype=torch.int64), coords.new_empty((cap,), dtype=torch.int64)
+
+
+@torch.library.register_fake("sparseconv::hash_query")
+def _hash_query_fake(keys, values, queries, shape):
+    return queries.new_empty((queries.shape[0],), dtype=torch.int64)
+
+
+@torch.library.register_fake("sparseconv::kmap_submanifold")
+def _kmap_submanifold_fake(keys, values, coords, shape, kernel_size, dilation):
+    return coords.new_empty((coords.shape[0], _kernel_volume(kernel_size)), dtype=torch.int32)
+
+
+@torch.library.register_fake("sparseconv::kmap_strided")
+def _kmap_strided_fake(coords, shape, out_spatial, kernel_size, stride, padding, dilation, transposed):
+    m = torch.library.get_ctx().new_dynamic_size()
+    return coords.new_empty((m, 4)), coords.new_empty((m, _kernel_volume(kernel_size)), dtype=torch.int32)
+
+
+@torch.library.register_fake("sparseconv::conv_forward")
+def _conv_forward_fake(feats, weight, nbmap, num_out, transposed):
+    torch._check(weight.dim() == 3)
+    torch._check(weight.shape[1] == feats.shape[1])
+    return feats.new_empty((num_out, weight.shape[2]))
+
+
+@torch.library.register_fake("sparseconv::conv_input_grad")
+def _conv_input_grad_fake(grad_out, weight, nbmap, num_in, transposed):
+    return grad_out.new_empty((num_in, weight.shape[1]))
+
+
+@torch.library.register_fake("sparseconv::conv_weight_grad")
+def _conv_weight_grad_fake(feats, grad_out, nbmap, transposed):
+    return feats.new_empty((nbmap.shape[1], feats.shape[1], grad_out.shape[1]))
+
+
+@torch.library.register_fake("sparseconv::maxpool_forward")
+def _maxpool_forward_fake(feats, nbmap):
+    shape = (nbmap.shape[0], feats.shape[1])
+    return feats.new_empty(shape), feats.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.register_fake("sparseconv::maxpool_backward")
+def _maxpool_backward_fake(grad_out, argmax, num_in):
+    return grad_out.new_empty((num_in, grad_out.shape[1]))
+
+
+@torch.library.register_fake("sparseconv::avgpool_forward")
+def _avgpool_forward_fake(feats, nbmap, count_inactive):
+    return feats.new_empty((nbmap.shape[0], feats.shape[1]))
+
+
+@torch.library.register_fake("sparseconv::avgpool_backward")
+def _avgpool_backward_fake(grad_out, nbmap, num_in, count_inactive):
+    return grad_out.new_empty((num_in, grad_out.shape[1]))
+
+
+# --------------------------------------------------------------------------
+# Autograd formulas.
+# --------------------------------------------------------------------------
+def _conv_setup(ctx, inputs, output):
+    feats, weight, nbmap, _num_out, transposed = inputs
+    ctx.save_for_backward(feats, weight, nbmap)
+    ctx.transposed = transposed
+
+
+def _conv_backward(ctx, grad):
+    feats, weight, nbmap = ctx.saved_tensors
+    grad_feats = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_feats = _ops.conv_input_grad(grad, weight, nbmap, feats.shape[0], ctx.transposed)
+    if ctx.needs_input_grad[1]:
+        grad_weight = _ops.conv_weight_grad(feats, grad, nbmap, ctx.transposed)
+    return grad_feats, grad_weight, None, None, None
+
+
+torch.library.register_autograd("sparseconv::conv_forward", _conv_backward, setup_context=_conv_setup)
+
+
+def _maxpool_setup(ctx, inputs, output):
+    feats, _nbmap = inputs
+    ctx.save_for_backward(output[1])
+    ctx.num_in = feats.shape[0]
+
+
+def _maxpool_backward(ctx, grad, _grad_argmax):
+    (argmax,) = ctx.saved_tensors
+    return _ops.maxpool_backward(grad, argmax, ctx.num_in), None
+
+
+torch.library.register_autograd("sparseconv::maxpool_forward", _maxpool_backward, setup_context=_maxpool_setup)
+
+
+def _avgpool_setup(ctx, inputs, output):
+    feats, nbmap, count_inactive = inputs
+    ctx.save_for_backward(nbmap)
+    ctx.num_in = feats.shape[0]
+    ctx.count_inactive = count_inactive
+
+
+def _avgpool_backward(ctx, grad):
+    (nbmap,) = ctx.saved_tensors
+    return _ops.avgpool_backward(grad, nbmap, ctx.num_in, ctx.count_inactive), None, None
+
+
+torch.library.register_autograd("sparseconv::avgpool_forward", _avgpool_backward, setup_context=_avgpool_setup)
+
+
+# --------------------------------------------------------------------------
+# Typed wrappers.
+# --------------------------------------------------------------------------
+def _triple(v: Sequence[int]) -> list:
+    return [int(e) for e in v]
+
+
+def hash_build(coords: torch.Tensor, shape: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Builds the coordinate hash table of ``coords`` (int32 ``[N, 4]``) on the grid ``shape = [B, X, Y, Z]``.
+
+    Raises:
+        ValueError: a coordinate lies outside the grid, or occurs twice.
+    """
+    return _ops.hash_build(coords, [int(s) for s in shape])
+
+
+def hash_query(keys: torch.Tensor, values: torch.Tensor, queries: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Row of each query coordinate in the table built by :func:`hash_build`, ``-1`` if absent (int64 ``[M]``)."""
+    return _ops.hash_query(keys, values, queries, [int(s) for s in shape])
+
+
+def kmap_submanifold(keys, values, coords, shape, kernel_size, dilation) -> torch.Tensor:
+    """Submanifold kernel map ``[N, K]`` of ``coords`` (output sites = input sites)."""
+    return _ops.kmap_submanifold(keys, values, coords, [int(s) for s in shape], _triple(kernel_size), _triple(dilation))
+
+
+def kmap_strided(coords, shape, out_spatial, kernel_size, stride, padding, dilation, transposed: bool):
+    """Output coordinates ``[M, 4]`` and kernel map ``[M, K]`` of a (transposed) strided convolution."""
+    return _ops.kmap_strided(
+        coords,
+        [int(s) for s in shape],
+        _triple(out_spatial),
+        _triple(kernel_size),
+        _triple(stride),
+        _triple(padding),
+        _triple(dilation),
+        bool(transposed),
+    )
+
+
+def conv_forward(feats, weight, nbmap, num_out: int, transposed: bool = False) -> torch.Tensor:
+    """Gather-GEMM-scatter convolution over a kernel map; differentiable in ``feats`` and ``weight``."""
+    return _ops.conv_forward(feats, weight, nbmap, num_out, bool(transposed))
+
+
+def conv_input_grad(grad_out, weight, nbmap, num_in: int, transposed: bool = False) -> torch.Tensor:
+    """Gradient of :func:`conv_forward` with respect to its features."""
+    return _ops.conv_input_grad(grad_out, weight, nbmap, num_in, bool(transposed))
+
+
+def conv_weight_grad(feats, grad_out, nbmap, transposed: bool = False) -> torch.Tensor:
+    """Gradient of :func:`conv_forward` with respect to its weight (``[K, C_in, C_out]``)."""
+    return _ops.conv_weight_grad(feats, grad_out, nbmap, bool(transposed))
+
+
+def maxpool_forward(feats, nbmap):
+    """Max over the active inputs of each output row; returns ``(out, argmax)``."""
+    return _ops.maxpool_forward(feats, nbmap)
+
+
+def maxpool_backward(grad_out, argmax, num_in: int):
+    return _ops.maxpool_backward(grad_out, argmax, num_in)
+
+
+def avgpool_forward(feats, nbmap, count_inactive: bool = False):
+    """Mean over the active inputs (or over all ``K`` offsets when ``count_inactive``)."""
+    return _ops.avgpool_forward(feats, nbmap, bool(count_inactive))
+
+
+def avgpool_backward(grad_out, nbmap, num_in: int, count_inactive: bool = False):
+    return _ops.avgpool_backward(grad_out, nbmap, num_in, bool(count_inactive))
