@@ -75,10 +75,11 @@ struct KernelGeom {
   }
 };
 
-inline void check_triple(c10::IntArrayRef v, const char* name, int64_t min_value) {
+inline void check_triple(c10::IntArrayRef v, const char* name, int64_t min_value, int64_t max_value = 1024) {
   TORCH_CHECK_VALUE(v.size() == 3, "sparseconv: ", name, " must have 3 values (x, y, z), got ", v);
   for (auto e : v) {
-    TORCH_CHECK_VALUE(e >= min_value && e <= 1024, "sparseconv: ", name, " = ", v, " must be in [", min_value, ", 1024]");
+    TORCH_CHECK_VALUE(e >= min_value && e <= max_value, "sparseconv: ", name, " = ", v, " must be in [", min_value,
+                      ", ", max_value, "]");
   }
 }
 

@@ -25,6 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import ops
+from ._compat import eager_only
 
 Triple = Tuple[int, int, int]
 
@@ -109,14 +110,14 @@ class CoordinateSet:
     def grid(self) -> list:
         return [self.batch_size, *self.spatial_shape]
 
-    @torch.compiler.disable
+    @eager_only
     def hash_table(self) -> Tuple[torch.Tensor, torch.Tensor]:
         """The coordinate hash (built on first use; validates range and uniqueness)."""
         if self._hash is None:
             self._hash = ops.hash_build(self.coords, self.grid)
         return self._hash
 
-    @torch.compiler.disable
+    @eager_only
     def submanifold_map(self, kernel_size: Triple, dilation: Triple) -> torch.Tensor:
         key = (tuple(kernel_size), tuple(dilation))
         nbmap = self._subm.get(key)
@@ -126,7 +127,7 @@ class CoordinateSet:
             self._subm[key] = nbmap
         return nbmap
 
-    @torch.compiler.disable
+    @eager_only
     def strided(
         self,
         kernel_size: Triple,

@@ -90,7 +90,7 @@ std::tuple<at::Tensor, at::Tensor> kmap_strided_cpu(const at::Tensor& coords_in,
                                                     c10::IntArrayRef dilation, bool transposed) {
   check_coords(coords_in, "kmap_strided", "coords");
   const Grid in_grid = make_grid(shape);
-  check_triple(out_spatial, "out_spatial_shape", 1);
+  check_triple(out_spatial, "out_spatial_shape", 1, INT32_MAX);
   const Grid out_grid = make_grid({shape[0], out_spatial[0], out_spatial[1], out_spatial[2]});
   const KernelGeom g = make_geom(kernel_size, stride, padding, dilation);
   const at::Tensor coords = coords_in.contiguous();
