@@ -21,8 +21,15 @@ inline void check_nbmap(const at::Tensor& nbmap, const char* op) {
 
 inline void check_feats(const at::Tensor& feats, const char* op, const char* name) {
   TORCH_CHECK_VALUE(feats.dim() == 2, "sparseconv.", op, ": ", name, " must be [N, C], got shape ", feats.sizes());
-  TORCH_CHECK_VALUE(at::isFloatingType(feats.scalar_type()), "sparseconv.", op, ": ", name,
-                    " must be floating point, got ", feats.scalar_type());
+  TORCH_CHECK_TYPE(at::isFloatingType(feats.scalar_type()), "sparseconv.", op, ": ", name,
+                   " must be floating point, got ", feats.scalar_type());
+}
+
+// The CPU kernels compute in float32 and float64.
+inline void check_cpu_dtype(const at::Tensor& feats, const char* op) {
+  TORCH_CHECK_TYPE(feats.scalar_type() == at::kFloat || feats.scalar_type() == at::kDouble, "sparseconv.", op,
+                   ": the CPU kernels support float32 and float64 features, got ", feats.scalar_type(),
+                   "; convert with .float() (float16/bfloat16 are for the CUDA backend)");
 }
 
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* op, const char* na,

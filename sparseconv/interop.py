@@ -36,17 +36,24 @@ Two spconv specifics are handled:
   ones) as ``features @ w.view(C_in, C_out)``: it reinterprets the KRSC buffer
   instead of transposing it, so for those layers ``ours = w.reshape(1, C_in,
   C_out)`` (``pointwise=True`` below).
-* spconv 1.x checkpoints (and ``SPCONV_SAVED_WEIGHT_LAYOUT=RSCK``) hold
-  ``[k0, k1, k2, C_in, C_out]`` ("RSCK"); pass ``layout="RSCK"``.
+* spconv 1.x checkpoints hold ``[k0, k1, k2, C_in, C_out]`` ("RSCK"); pass
+  ``layout="RSCK"``.  (spconv 2.3.8 itself cannot load them: its
+  ``SPCONV_SAVED_WEIGHT_LAYOUT=RSCK`` hook permutes the weight twice.)
 
 Semantic differences to keep in mind: spconv's ``SparseMaxPool3d`` starts
 every output at 0, so it returns ``max(0, max over active inputs)`` while ours
 returns the max over the active inputs (identical after a ReLU).
+
+When comparing against spconv 2.3.8's CPU build, run it with one thread
+(``torch.set_num_threads(1)``): its CPU scatter-add races under OpenMP and
+returns wrong convolution results at random, and its index generation reads
+non-contiguous index tensors (``mask.nonzero().int()``) wrongly;
+:func:`to_spconv` always passes contiguous indices.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -94,10 +101,12 @@ def to_spconv(t: SparseTensor):
         A ``spconv.pytorch.SparseConvTensor`` with the same batch size.
 
     Example:
-        >>> x = SparseTensor(feats, coords, spatial_shape=(100, 80, 20))   # coords (b, x, y, z)
+        >>> x = SparseTensor(feats, coords, spatial_shape=(100, 80, 20))  # coords (b, x, y, z)
         >>> s = to_spconv(x)
-        >>> s.spatial_shape, s.indices[0].tolist() == [*coords[0, :1].tolist(), *coords[0, 1:].flip(0).tolist()]
-        ([20, 80, 100], True)
+        >>> s.spatial_shape
+        [20, 80, 100]
+        >>> torch.equal(s.indices[:, 1:], x.coords[:, 1:].flip(1))  # (b, z, y, x)
+        True
     """
     spconv = _import_spconv()
     if not isinstance(t, SparseTensor):
@@ -229,7 +238,8 @@ def convert_to_spconv_weight(
     k = kx * ky * kz
     if not isinstance(w, torch.Tensor) or w.dim() != 3 or w.shape[0] != k:
         raise ValueError(
-            f"expected a [K={k}, C_in, C_out] weight for kernel_size {(kx, ky, kz)}, got {tuple(getattr(w, 'shape', ()))}"
+            f"expected a [K={k}, C_in, C_out] weight for kernel_size {(kx, ky, kz)}, "
+            f"got {tuple(getattr(w, 'shape', ()))}"
         )
     _, c_in, c_out = w.shape
     if pointwise is None:

@@ -141,6 +141,51 @@ def _conv_backward(ctx, grad):
 torch.library.register_autograd("sparseconv::conv_forward", _conv_backward, setup_context=_conv_setup)
 
 
+# The backward ops are linear in each argument, so they are differentiable too (double backward).
+def _conv_input_grad_setup(ctx, inputs, output):
+    grad_out, weight, nbmap, _num_in, transposed = inputs
+    ctx.save_for_backward(grad_out, weight, nbmap)
+    ctx.transposed = transposed
+
+
+def _conv_input_grad_backward(ctx, gg):
+    # conv_input_grad(g, W, map, n, t) == conv_forward(g, W^T, map, n, not t)
+    grad_out, weight, nbmap = ctx.saved_tensors
+    d_grad = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad = _ops.conv_forward(gg, weight, nbmap, grad_out.shape[0], ctx.transposed)
+    if ctx.needs_input_grad[1]:
+        d_weight = _ops.conv_weight_grad(gg, grad_out, nbmap, ctx.transposed)
+    return d_grad, d_weight, None, None, None
+
+
+torch.library.register_autograd(
+    "sparseconv::conv_input_grad", _conv_input_grad_backward, setup_context=_conv_input_grad_setup
+)
+
+
+def _conv_weight_grad_setup(ctx, inputs, output):
+    feats, grad_out, nbmap, transposed = inputs
+    ctx.save_for_backward(feats, grad_out, nbmap)
+    ctx.transposed = transposed
+
+
+def _conv_weight_grad_backward(ctx, gw):
+    # <gw, conv_weight_grad(f, g)> = <conv_forward(f, gw), g> = <f, conv_input_grad(g, gw)>
+    feats, grad_out, nbmap = ctx.saved_tensors
+    d_feats = d_grad = None
+    if ctx.needs_input_grad[0]:
+        d_feats = _ops.conv_input_grad(grad_out, gw, nbmap, feats.shape[0], ctx.transposed)
+    if ctx.needs_input_grad[1]:
+        d_grad = _ops.conv_forward(feats, gw, nbmap, grad_out.shape[0], ctx.transposed)
+    return d_feats, d_grad, None, None
+
+
+torch.library.register_autograd(
+    "sparseconv::conv_weight_grad", _conv_weight_grad_backward, setup_context=_conv_weight_grad_setup
+)
+
+
 def _maxpool_setup(ctx, inputs, output):
     feats, _nbmap = inputs
     ctx.save_for_backward(output[1])
@@ -153,6 +198,23 @@ def _maxpool_backward(ctx, grad, _grad_argmax):
 
 
 torch.library.register_autograd("sparseconv::maxpool_forward", _maxpool_backward, setup_context=_maxpool_setup)
+
+
+def _maxpool_backward_setup(ctx, inputs, output):
+    _grad, argmax, _num_in = inputs
+    ctx.save_for_backward(argmax)
+
+
+def _maxpool_backward_backward(ctx, gg):
+    # Adjoint of the scatter to argmax: a gather from argmax (0 where there is no input).
+    (argmax,) = ctx.saved_tensors
+    picked = gg.gather(0, argmax.clamp_min(0))
+    return torch.where(argmax >= 0, picked, torch.zeros_like(picked)), None, None
+
+
+torch.library.register_autograd(
+    "sparseconv::maxpool_backward", _maxpool_backward_backward, setup_context=_maxpool_backward_setup
+)
 
 
 def _avgpool_setup(ctx, inputs, output):
@@ -168,6 +230,23 @@ def _avgpool_backward(ctx, grad):
 
 
 torch.library.register_autograd("sparseconv::avgpool_forward", _avgpool_backward, setup_context=_avgpool_setup)
+
+
+def _avgpool_backward_setup(ctx, inputs, output):
+    _grad, nbmap, _num_in, count_inactive = inputs
+    ctx.save_for_backward(nbmap)
+    ctx.count_inactive = count_inactive
+
+
+def _avgpool_backward_backward(ctx, gg):
+    # avgpool_backward is the transpose of the linear map avgpool_forward.
+    (nbmap,) = ctx.saved_tensors
+    return _ops.avgpool_forward(gg, nbmap, ctx.count_inactive), None, None, None
+
+
+torch.library.register_autograd(
+    "sparseconv::avgpool_backward", _avgpool_backward_backward, setup_context=_avgpool_backward_setup
+)
 
 
 # --------------------------------------------------------------------------

@@ -61,6 +61,17 @@ def _shape4(shape: Sequence[int]) -> Tuple[int, int, int, int]:
     return tuple(int(s) for s in shape)  # type: ignore[return-value]
 
 
+def _check_grid(coords: torch.Tensor, shape: Sequence[int]) -> None:
+    """Raises ValueError unless the grid has at most 2^62 cells and holds every row of ``coords``."""
+    b, x, y, z = _shape4(shape)
+    if min(b, x, y, z) < 1 or b * x * y * z > 2**62:
+        raise ValueError(f"grid {list(shape)} must be positive with at most 2^62 cells (64-bit keys)")
+    inside = _in_grid(coords, shape)
+    if not bool(inside.all()):
+        row = int((~inside).nonzero()[0, 0])
+        raise ValueError(f"coordinate {tuple(coords[row].tolist())} at row {row} is outside the grid {list(shape)}")
+
+
 def _in_grid(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
     """Bool ``[N]``: whether each row of ``coords`` lies inside the grid ``shape``."""
     bounds = torch.tensor(_shape4(shape), dtype=torch.int64, device=coords.device)
@@ -124,12 +135,9 @@ def hash_build_reference(coords: torch.Tensor, shape: Sequence[int]) -> Tuple[to
         ``coords`` holding each key.
 
     Raises:
-        ValueError: a coordinate lies outside the grid, or occurs twice.
+        ValueError: a coordinate lies outside the grid, or occurs twice, or the grid has more than 2^62 cells.
     """
-    inside = _in_grid(coords, shape)
-    if not bool(inside.all()):
-        row = int((~inside).nonzero()[0, 0])
-        raise ValueError(f"coordinate {tuple(coords[row].tolist())} at row {row} is outside the grid {list(shape)}")
+    _check_grid(coords, shape)
     keys, rows = coordinate_keys(coords, shape).sort(stable=True)
     dup = (keys[1:] == keys[:-1]).nonzero()
     if dup.numel():
@@ -150,6 +158,9 @@ def hash_query_reference(coords_table: torch.Tensor, queries: torch.Tensor, shap
     Returns:
         int64 ``[M]``: ``r`` with ``coords_table[r] == queries[m]``, or ``-1`` when
         absent or outside the grid.
+
+    Raises:
+        ValueError: ``coords_table`` is invalid (see :func:`hash_build_reference`).
     """
     keys, rows = hash_build_reference(coords_table, shape)
     result = torch.full((queries.shape[0],), -1, dtype=torch.int64, device=queries.device)
@@ -223,13 +234,18 @@ def kmap_strided_reference(
     Returns:
         ``(out_coords, nbmap)``: int32 ``[M, 4]`` sorted by ``(batch, x, y, z)`` and
         int32 ``[M, K]``.
+
+    Raises:
+        ValueError: a coordinate lies outside the input grid, or a grid has more than 2^62 cells.
     """
+    _check_grid(coords, shape)
     device = coords.device
     offsets = kernel_offsets(kernel_size).to(device)
     kvol = offsets.shape[0]
     st, pad, dil = (torch.tensor([int(v) for v in t], device=device) for t in (stride, padding, dilation))
     out_bounds = torch.tensor([int(v) for v in out_spatial], device=device)
     out_grid = [int(shape[0]), *(int(v) for v in out_spatial)]
+    _check_grid(coords[:0], out_grid)
 
     rows: List[torch.Tensor] = []  # input row of each (input, offset) pair that hits the output grid
     offs: List[torch.Tensor] = []  # its offset index

@@ -149,7 +149,11 @@ class SparseTensor:
 
     @property
     def coords(self) -> torch.Tensor:
-        """int32 ``[N, 4]`` coordinates ``(batch, x, y, z)``."""
+        """int32 ``[N, 4]`` coordinates ``(batch, x, y, z)``.
+
+        Shared with every tensor on the same sites and with the cached kernel maps: never modify
+        it in place; build a new ``SparseTensor`` from modified coordinates instead.
+        """
         return self._cset.coords
 
     indices = coords  # spconv's name
@@ -192,10 +196,14 @@ class SparseTensor:
         """A tensor with features ``feats`` ``[N, C']`` on the same sites (kernel maps are shared)."""
         if not isinstance(feats, torch.Tensor) or feats.dim() != 2:
             raise ValueError(f"replace_feature expects a [N, C] tensor, got {getattr(feats, 'shape', type(feats))}")
+        if not feats.is_floating_point():
+            raise TypeError(f"replace_feature expects floating-point features, got {feats.dtype}")
         if feats.shape[0] != self.num_voxels:
             raise ValueError(f"replace_feature got {feats.shape[0]} rows for a tensor with {self.num_voxels} voxels")
         if feats.device != self.coords.device:
-            raise ValueError(f"replace_feature got features on {feats.device} but coordinates are on {self.device}")
+            raise ValueError(
+                f"replace_feature got features on {feats.device} but coordinates are on {self.coords.device}"
+            )
         return SparseTensor._from_set(feats, self._cset)
 
     def to(self, *args, **kwargs) -> "SparseTensor":
@@ -236,6 +244,8 @@ class SparseTensor:
         """
         if not isinstance(dense, torch.Tensor) or dense.dim() != 5:
             raise ValueError(f"from_dense expects a 5-D tensor, got {getattr(dense, 'shape', type(dense))}")
+        if not dense.is_floating_point():
+            raise TypeError(f"from_dense expects floating-point features, got {dense.dtype}")
         grid = dense.permute(0, 2, 3, 4, 1) if channels_first else dense
         if mask is None:
             mask = (grid != 0).any(-1)

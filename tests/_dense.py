@@ -42,11 +42,6 @@ def random_feats(gen, n: int, channels: int) -> torch.Tensor:
     return torch.randn((n, channels), generator=gen, dtype=DTYPE)
 
 
-def random_weight(gen, ks, c_in: int, c_out: int) -> torch.Tensor:
-    k = ks[0] * ks[1] * ks[2]
-    return torch.randn((k, c_in, c_out), generator=gen, dtype=DTYPE)
-
-
 def sort_coords(coords: torch.Tensor) -> torch.Tensor:
     """Rows sorted lexicographically by (batch, x, y, z)."""
     if coords.shape[0] == 0:

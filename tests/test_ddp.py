@@ -476,7 +476,8 @@ def test_convert_sync_batchnorm_nested_and_shared_state():
 
 
 def test_sync_bn_without_process_group_is_batch_norm():
-    assert not dist.is_initialized()
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
     gen = torch.Generator().manual_seed(3)
     feats = torch.randn(40, 8, generator=gen, dtype=torch.float64)
     x, _ = _rank_input(0, 0)

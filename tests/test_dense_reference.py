@@ -20,7 +20,6 @@ from _dense import (
     leaf,
     random_coords,
     random_feats,
-    random_weight,
     ref_avg_pool,
     ref_conv,
     ref_conv_transpose,
@@ -39,6 +38,16 @@ PAD_DIL = [(0, 1), (1, 1), (0, 2), (1, 2), ((1, 0, 2), 1), (0, (2, 1, 1)), ((0, 
 SUBM_DIL = [1, 2, (2, 1, 1), (1, 2, 3)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """The problems here are tiny: extra intra-op threads only add synchronisation cost (a lot of it
+    on a loaded 2-core machine).  Thread-count independence is tested in test_properties.py."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _id(v):
     return "x".join(map(str, v)) if isinstance(v, tuple) else str(v)
 
@@ -47,7 +56,8 @@ def _geom_cases():
     cases = []
     for i, (ks, st, (pad, dil)) in enumerate(itertools.product(KERNELS, STRIDES, PAD_DIL)):
         batch = 1 + i % 3
-        cases.append(pytest.param(ks, st, pad, dil, batch, id=f"k{_id(ks)}-s{_id(st)}-p{_id(pad)}-d{_id(dil)}-b{batch}"))
+        name = f"k{_id(ks)}-s{_id(st)}-p{_id(pad)}-d{_id(dil)}-b{batch}"
+        cases.append(pytest.param(ks, st, pad, dil, batch, id=name))
     return cases
 
 
@@ -169,8 +179,12 @@ def test_sparse_inverse_conv(kernel_size, stride, padding, dilation, batch, via_
     c_s = leaf(coarse)
     y_in = y.replace_feature(c_s)
     if via_key:
-        # A SubM layer in between keeps the sites; the key (not the parent) must be found.
-        y_in = snn.SubMConv3d(3, 3, 3, dtype=DTYPE)(y_in.detach()).replace_feature(c_s)
+        # A 1x1x1 SparseConv3d keeps the sites but makes a new set whose parent is itself, so only
+        # the key leads back to `down` (with the parent, x's sites would not come back).
+        mid = snn.SparseConv3d(3, 3, 1, dtype=DTYPE)(y.detach())
+        assert mid.coordinate_set is not y.coordinate_set
+        torch.testing.assert_close(mid.coords, y.coords, rtol=0, atol=0)
+        y_in = mid.replace_feature(c_s)
     out = up(y_in)
     assert out.coordinate_set is x.coordinate_set
     assert out.spatial_shape == shape and out.stride == (1, 1, 1)
@@ -218,9 +232,10 @@ def test_pool_default_stride_is_kernel_size(kernel_size):
     shape = (7, 8, 6)
     feats, coords = _input(gen, 2, shape, 2)
     x = sc.SparseTensor(feats, coords, spatial_shape=shape, batch_size=2)
+    args = (coords, 2, shape, ks, ks, (0, 0, 0), (1, 1, 1))
     for pool, ref in [
-        (snn.SparseMaxPool3d(kernel_size), lambda f: ref_max_pool(f, coords, 2, shape, ks, ks, (0,) * 3, (1,) * 3)),
-        (snn.SparseAvgPool3d(kernel_size), lambda f: ref_avg_pool(f, coords, 2, shape, ks, ks, (0,) * 3, (1,) * 3, False)),
+        (snn.SparseMaxPool3d(kernel_size), lambda f: ref_max_pool(f, *args)),
+        (snn.SparseAvgPool3d(kernel_size), lambda f: ref_avg_pool(f, *args, False)),
     ]:
         out = pool(x)
         assert out.spatial_shape == conv_output_shape(shape, ks, ks, (0,) * 3, (1,) * 3)

@@ -94,8 +94,9 @@ GEOMETRIES = [
     ((4, 9, 3), 2, 1, (1, 4, 2), (1, 3, 2), (0, 1, 0), (1, 1, 1)),  # a single voxel
     ((9, 9, 9), 1, 700, (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)),  # dense: 700 of 729 cells
     ((5, 5, 5), 2, 0, (3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)),  # empty
+    ((16, 12, 16), 2, 5000, (3, 2, 3), (2, 2, 2), (1, 0, 1), (1, 1, 1)),  # above the ops' parallel grain sizes
 ]
-GEOMETRY_IDS = ["cubic", "anisotropic", "even", "dilated", "single", "dense", "empty"]
+GEOMETRY_IDS = ["cubic", "anisotropic", "even", "dilated", "single", "dense", "empty", "parallel"]
 
 
 def strided_case(geom, transposed, seed=0):
@@ -448,11 +449,31 @@ def test_avgpool_forward_gradcheck(count_inactive):
     assert torch.autograd.gradcheck(lambda f: ops.avgpool_forward(f, nbmap, count_inactive), (feats,))
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["forward-map", "transposed"])
+def test_conv_forward_gradgradcheck(transposed):
+    gen = seeded("gradgradcheck-conv", transposed)
+    n_in, m, kvol = 6, 5, 4
+    nbmap = random_nbmap(gen, n_in, m, kvol, density=0.7)
+    n_feats, n_out = (m, n_in) if transposed else (n_in, m)
+    feats = torch.randn((n_feats, 3), generator=gen, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn((kvol, 3, 2), generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda f, w: ops.conv_forward(f, w, nbmap, n_out, transposed), (feats, weight))
+
+
+def test_pool_gradgradcheck():
+    gen = seeded("gradgradcheck-pool")
+    nbmap = random_nbmap(gen, 9, 7, 5, density=0.5)
+    feats = torch.randperm(27, generator=gen).to(torch.float64).reshape(9, 3).requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda f: ops.maxpool_forward(f, nbmap)[0], (feats,))
+    for count_inactive in (False, True):
+        assert torch.autograd.gradgradcheck(lambda f: ops.avgpool_forward(f, nbmap, count_inactive), (feats,))
+
+
 # --------------------------------------------------------------------------- opcheck
 def _opcheck_samples():
     """Sample arguments for every op.
 
-    Inputs of the backward ops never require grad: those ops have no autograd formula.
+    The backward ops are differentiable too (double backward), so their inputs require grad.
     """
     gen = seeded("opcheck")
     coords = random_coords(gen, 2, (5, 4, 6), 25)
@@ -477,13 +498,14 @@ def _opcheck_samples():
         "conv_forward": [(rand(n, 3, grad=True), rand(27, 3, 2, grad=True), subm, n, False),
                          (rand(n, 3, grad=True), rand(18, 3, 2, grad=True), strided, m, False),
                          (rand(m, 3, grad=True), rand(18, 3, 2, grad=True), strided, n, True)],
-        "conv_input_grad": [(rand(m, 2), rand(18, 3, 2), strided, n, False),
-                            (rand(n, 2), rand(18, 3, 2), strided, m, True)],
-        "conv_weight_grad": [(rand(n, 3), rand(m, 2), strided, False), (rand(m, 3), rand(n, 2), strided, True)],
+        "conv_input_grad": [(rand(m, 2, grad=True), rand(18, 3, 2, grad=True), strided, n, False),
+                            (rand(n, 2, grad=True), rand(18, 3, 2, grad=True), strided, m, True)],
+        "conv_weight_grad": [(rand(n, 3, grad=True), rand(m, 2, grad=True), strided, False),
+                             (rand(m, 3, grad=True), rand(n, 2, grad=True), strided, True)],
         "maxpool_forward": [(rand(n, 3, grad=True), strided)],
-        "maxpool_backward": [(rand(m, 3), argmax, n)],
+        "maxpool_backward": [(rand(m, 3, grad=True), argmax, n)],
         "avgpool_forward": [(rand(n, 3, grad=True), strided, False), (rand(n, 3, grad=True), strided, True)],
-        "avgpool_backward": [(rand(m, 3), strided, n, False), (rand(m, 3), strided, n, True)],
+        "avgpool_backward": [(rand(m, 3, grad=True), strided, n, False), (rand(m, 3, grad=True), strided, n, True)],
     }
 
 
@@ -576,3 +598,22 @@ def test_compile_eager_backend_matches_eager():
 def test_compile_inductor_matches_eager():
     # First run ~35 s on 2 cores (C++ codegen of several small graphs; ~10 s with a warm inductor cache).
     _check_compiled("inductor")
+
+
+# --------------------------------------------------------------------------- validation parity
+@pytest.mark.parametrize(
+    "coords,grid",
+    [
+        (torch.tensor([[0, 1, 1, 1], [0, 4, 0, 0]], dtype=torch.int32), [1, 4, 4, 4]),  # x outside
+        (torch.tensor([[0, 1, 1, 1], [0, 0, -1, 0]], dtype=torch.int32), [1, 4, 4, 4]),  # negative
+        (torch.tensor([[1, 1, 1, 1]], dtype=torch.int32), [1, 4, 4, 4]),  # batch outside
+        (torch.tensor([[0, 1, 1, 1], [0, 2, 2, 2], [0, 1, 1, 1]], dtype=torch.int32), [1, 4, 4, 4]),  # duplicate
+        (torch.tensor([[0, 0, 0, 0]], dtype=torch.int32), [2**4, 2**21, 2**21, 2**21]),  # > 2^62 cells
+    ],
+    ids=["outside", "negative", "batch", "duplicate", "too-large"],
+)
+def test_op_and_reference_reject_the_same_coordinates(coords, grid):
+    with pytest.raises(ValueError):
+        ops.hash_build(coords, grid)
+    with pytest.raises(ValueError):
+        ref.hash_build_reference(coords, grid)

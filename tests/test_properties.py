@@ -8,6 +8,7 @@ symmetry), determinism, and the dense() / from_dense() round trip.
 """
 from dataclasses import dataclass
 
+import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
@@ -34,6 +35,16 @@ from _dense import (
 
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 KINDS = ["random", "empty", "single", "one_batch", "edges", "full"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread():
+    """The examples are tiny: extra intra-op threads only add synchronisation cost (a lot of it on a
+    loaded 2-core machine).  test_thread_count_independence runs a larger input on 1 and 2 threads."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @dataclass
@@ -88,12 +99,14 @@ def sparse_cases(draw, max_dim=7, max_batch=3, max_channels=3, kinds=KINDS):
     return Case(feats, coords, batch, shape, gen)
 
 
-small_int3 = lambda lo, hi: st.tuples(st.integers(lo, hi), st.integers(lo, hi), st.integers(lo, hi))  # noqa: E731
+def small_int3(lo: int, hi: int):
+    return st.tuples(st.integers(lo, hi), st.integers(lo, hi), st.integers(lo, hi))
 
 
 @st.composite
 def conv_geometries(draw, max_k=4, max_s=3, max_p=2, max_d=2):
-    return draw(small_int3(1, max_k)), draw(small_int3(1, max_s)), draw(small_int3(0, max_p)), draw(small_int3(1, max_d))
+    ks, stride = draw(small_int3(1, max_k)), draw(small_int3(1, max_s))
+    return ks, stride, draw(small_int3(0, max_p)), draw(small_int3(1, max_d))
 
 
 def _valid_conv(shape, ks, st_, pad, dil) -> bool:
@@ -301,6 +314,7 @@ def test_determinism(case, geom):
     """Two independent builds of the same input give identical maps, sites and outputs."""
     ks, st_, pad, dil = geom
     assume(_valid_conv(case.shape, ks, st_, pad, dil))
+    assume(min(conv_transpose_output_shape(case.shape, ks, st_, pad, dil, (0, 0, 0))) >= 1)
     c_in = case.feats.shape[1]
     torch.manual_seed(0)
     conv = snn.SparseConv3d(c_in, 2, ks, st_, pad, dil, dtype=DTYPE)
@@ -347,3 +361,137 @@ def test_dense_from_dense_round_trip(case, channels_first, stride):
     conv = snn.SubMConv3d(c, 2, 3, dtype=DTYPE)
     out_x, out_y = conv(x), conv(y)
     torch.testing.assert_close(out_y.features, out_x.features[rows])
+
+
+# ============================================================================ explicit edge inputs
+def _edge_case(name: str) -> Case:
+    gen = torch.Generator().manual_seed(7)
+    if name == "empty":
+        batch, shape, coords = 2, (4, 5, 3), torch.zeros((0, 4), dtype=torch.int32)
+    elif name == "single_low_corner":
+        batch, shape, coords = 1, (5, 4, 6), torch.tensor([[0, 0, 0, 0]], dtype=torch.int32)
+    elif name == "single_high_corner_last_batch":
+        batch, shape, coords = 3, (5, 4, 6), torch.tensor([[2, 4, 3, 5]], dtype=torch.int32)
+    elif name == "only_batch_1_of_3":
+        batch, shape = 3, (5, 6, 4)
+        mask = torch.zeros((batch, *shape), dtype=torch.bool)
+        mask[1] = torch.rand(shape, generator=gen) < 0.4
+        coords = mask.nonzero().int()
+    elif name == "faces_only":
+        batch, shape = 2, (5, 4, 6)
+        grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij"))
+        face = torch.zeros(shape, dtype=torch.bool)
+        for axis, n in enumerate(shape):
+            face |= (grid[axis] == 0) | (grid[axis] == n - 1)
+        coords = (face.expand(batch, *shape) & (torch.rand((batch, *shape), generator=gen) < 0.5)).nonzero().int()
+    elif name == "flat_axes":
+        batch, shape = 2, (1, 1, 7)
+        coords = (torch.rand((batch, *shape), generator=gen) < 0.6).nonzero().int()
+    else:
+        raise ValueError(name)
+    coords = coords[torch.randperm(coords.shape[0], generator=gen)].contiguous()
+    return Case(random_feats(gen, coords.shape[0], 2), coords, batch, shape, gen)
+
+
+EDGE_CASES = ["empty", "single_low_corner", "single_high_corner_last_batch", "only_batch_1_of_3", "faces_only",
+              "flat_axes"]
+EDGE_GEOMS = [((3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)), ((2, 2, 2), (2, 2, 2), (0, 0, 0), (1, 1, 1)),
+              ((1, 2, 3), (1, 2, 3), (0, 1, 1), (1, 1, 2))]
+
+
+@pytest.mark.parametrize("name", EDGE_CASES)
+def test_edge_inputs_every_layer(name):
+    """Every layer on explicit edge inputs (guaranteed coverage, whatever hypothesis draws)."""
+    case = _edge_case(name)
+    c_in, b, shape = case.feats.shape[1], case.batch_size, case.shape
+    one = (1, 1, 1)
+    for ks in [(3, 3, 3), (2, 2, 2), (1, 3, 2)]:
+        conv = _with_params(snn.SubMConv3d(c_in, 3, ks, dtype=DTYPE), case.gen)
+        f_s, f_d, w_d, b_d = leaf(case.feats), leaf(case.feats), leaf(conv.weight), leaf(conv.bias)
+        ref, active = ref_subm(f_d, case.coords, b, shape, w_d, b_d, ks, one)
+        assert_matches_dense(conv(case.tensor(f_s)), ref, active, [f_s, conv.weight, conv.bias], [f_d, w_d, b_d],
+                             case.gen, expected_coords=case.coords)
+    ran = 0
+    for ks, st_, pad, dil in EDGE_GEOMS:
+        if not _valid_conv(shape, ks, st_, pad, dil):
+            continue
+        ran += 1
+        conv = _with_params(snn.SparseConv3d(c_in, 3, ks, st_, pad, dil, dtype=DTYPE), case.gen)
+        f_s, f_d, w_d, b_d = leaf(case.feats), leaf(case.feats), leaf(conv.weight), leaf(conv.bias)
+        y = conv(case.tensor(f_s))
+        ref, active = ref_conv(f_d, case.coords, b, shape, w_d, b_d, ks, st_, pad, dil)
+        assert_matches_dense(y, ref, active, [f_s, conv.weight, conv.bias], [f_d, w_d, b_d], case.gen)
+
+        up = _with_params(snn.SparseInverseConv3d(3, 2, ks, dtype=DTYPE), case.gen)
+        coarse = random_feats(case.gen, y.num_voxels, 3)
+        c_s, c_d, w_d, b_d = leaf(coarse), leaf(coarse), leaf(up.weight), leaf(up.bias)
+        ref, active = ref_inverse(c_d, y.coords, b, y.spatial_shape, case.coords, shape, w_d, b_d, ks, st_, pad, dil)
+        assert_matches_dense(up(y.replace_feature(c_s)), ref, active, [c_s, up.weight, up.bias], [c_d, w_d, b_d],
+                             case.gen, expected_coords=case.coords)
+
+        opad = tuple(min(1, max(s, d) - 1) for s, d in zip(st_, dil))
+        convt = _with_params(snn.SparseConvTranspose3d(c_in, 2, ks, st_, pad, dil, output_padding=opad, dtype=DTYPE),
+                             case.gen)
+        if min(conv_transpose_output_shape(shape, ks, st_, pad, dil, opad)) >= 1:
+            f_s, f_d, w_d, b_d = leaf(case.feats), leaf(case.feats), leaf(convt.weight), leaf(convt.bias)
+            ref, active = ref_conv_transpose(f_d, case.coords, b, shape, w_d, b_d, ks, st_, pad, dil, opad)
+            assert_matches_dense(convt(case.tensor(f_s)), ref, active, [f_s, convt.weight, convt.bias],
+                                 [f_d, w_d, b_d], case.gen)
+
+        args = (case.coords, b, shape, ks, st_, pad, dil)
+        for pool, ref_fn in [
+            (snn.SparseMaxPool3d(ks, st_, pad, dil), lambda f: ref_max_pool(f, *args)),
+            (snn.SparseAvgPool3d(ks, st_, pad, dil), lambda f: ref_avg_pool(f, *args, False)),
+            (snn.SparseAvgPool3d(ks, st_, pad, dil, count_inactive=True), lambda f: ref_avg_pool(f, *args, True)),
+        ]:
+            f_s, f_d = leaf(case.feats), leaf(case.feats)
+            ref, active = ref_fn(f_d)
+            assert_matches_dense(pool(case.tensor(f_s)), ref, active, [f_s], [f_d], case.gen)
+    assert ran >= 1
+    # Maps and the dense round trip on the same inputs.
+    nbmap = case.tensor().coordinate_set.submanifold_map((3, 3, 3), one)
+    torch.testing.assert_close(nbmap, brute_submanifold_map(case.coords, b, shape, (3, 3, 3), one), rtol=0, atol=0)
+    mask = occupancy(case.coords, b, shape)[:, 0] > 0
+    y = sc.SparseTensor.from_dense(case.tensor().dense(), mask=mask)
+    torch.testing.assert_close(y.coords, sort_coords(case.coords), rtol=0, atol=0)
+    assert y.batch_size == b and y.spatial_shape == shape
+
+
+def test_thread_count_independence():
+    """Maps, sites, outputs and gradients are bitwise identical on 1 and 2 intra-op threads, on an
+    input large enough (a few thousand voxels) for the CPU kernels to split their loops."""
+    gen = torch.Generator().manual_seed(11)
+    batch, shape = 2, (16, 15, 14)
+    coords = (torch.rand((batch, *shape), generator=gen) < 0.35).nonzero().int()
+    coords = coords[torch.randperm(coords.shape[0], generator=gen)].contiguous()
+    feats = random_feats(gen, coords.shape[0], 4)
+    torch.manual_seed(0)
+    subm = snn.SubMConv3d(4, 4, 3, dtype=DTYPE)
+    down = snn.SparseConv3d(4, 4, 3, 2, 1, dtype=DTYPE)
+    up = snn.SparseInverseConv3d(4, 4, 3, dtype=DTYPE)
+    convt = snn.SparseConvTranspose3d(4, 2, 2, 2, dtype=DTYPE)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        try:
+            f = leaf(feats)
+            x = sc.SparseTensor(f, coords, spatial_shape=shape, batch_size=batch)
+            h = subm(x)
+            y = down(h)
+            pooled = snn.SparseMaxPool3d(2)(h)
+            avg = snn.SparseAvgPool3d(3, 2, 1)(h)
+            u = up(y)
+            t = convt(y)
+            loss = (u.features.sin().sum() + t.features.cos().sum() + pooled.features.sum() * 0.5
+                    + (avg.features ** 2).sum())
+            params = [f] + [p for m in (subm, down, up, convt) for p in m.parameters()]
+            grads = torch.autograd.grad(loss, params)
+            results.append([x.coordinate_set.submanifold_map((3, 3, 3), (1, 1, 1)), y.coords,
+                            h.coordinate_set.strided((3, 3, 3), (2, 2, 2), (1, 1, 1), (1, 1, 1)).nbmap, t.coords,
+                            pooled.coords, h.features, y.features, u.features, t.features, pooled.features,
+                            avg.features, *grads])
+        finally:
+            torch.set_num_threads(1)
+    assert coords.shape[0] > 2000
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)

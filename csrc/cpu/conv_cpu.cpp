@@ -35,6 +35,7 @@ void scatter_add_rows(const scalar_t* src, int64_t ld, const int32_t* idx, int64
 
 void check_conv_args(const char* op, const at::Tensor& feats, const at::Tensor& weight, const at::Tensor& nbmap) {
   check_feats(feats, op, "feats");
+  check_cpu_dtype(feats, op);
   check_nbmap(nbmap, op);
   TORCH_CHECK_VALUE(weight.dim() == 3, "sparseconv.", op, ": weight must be [K, C_in, C_out], got shape ",
                     weight.sizes());
@@ -50,26 +51,28 @@ void check_conv_args(const char* op, const at::Tensor& feats, const at::Tensor& 
 
 }  // namespace
 
-at::Tensor conv_forward_cpu(const at::Tensor& feats_in, const at::Tensor& weight, const at::Tensor& nbmap_in,
-                            int64_t num_out, bool transposed) {
-  check_conv_args("conv_forward", feats_in, weight, nbmap_in);
+namespace {
+
+// conv_forward, with `op` naming the public op in error messages.
+at::Tensor conv_forward_impl(const at::Tensor& feats_in, const at::Tensor& weight, const at::Tensor& nbmap_in,
+                             int64_t num_out, bool transposed, const char* op) {
+  check_conv_args(op, feats_in, weight, nbmap_in);
   const int64_t m = nbmap_in.size(0), kvol = nbmap_in.size(1);
   const int64_t n_src = feats_in.size(0);
   if (transposed) {
-    TORCH_CHECK_VALUE(n_src == m, "sparseconv.conv_forward: transposed map has ", m, " rows but features have ",
+    TORCH_CHECK_VALUE(n_src == m, "sparseconv.", op, ": the kernel map has ", m, " rows but the features have ",
                       n_src);
-    TORCH_CHECK_VALUE(num_out >= 0, "sparseconv.conv_forward: num_out must be >= 0");
+    TORCH_CHECK_VALUE(num_out >= 0, "sparseconv.", op, ": the output row count must be >= 0, got ", num_out);
   } else {
-    TORCH_CHECK_VALUE(num_out == m, "sparseconv.conv_forward: num_out = ", num_out, " but the kernel map has ", m,
-                      " output rows");
+    TORCH_CHECK_VALUE(num_out == m, "sparseconv.", op, ": the output row count is ", num_out,
+                      " but the kernel map has ", m, " rows");
   }
   const at::Tensor feats = feats_in.contiguous(), nbmap = nbmap_in.contiguous();
   const int64_t cin = feats.size(1), cout = weight.size(2);
   at::Tensor out = at::zeros({num_out, cout}, feats.options());
   if (m == 0 || num_out == 0 || cout == 0) return out;
 
-  const Pairs pairs = make_pairs(nbmap.data_ptr<int32_t>(), m, kvol, transposed, transposed ? num_out : n_src,
-                                 "conv_forward");
+  const Pairs pairs = make_pairs(nbmap.data_ptr<int32_t>(), m, kvol, transposed, transposed ? num_out : n_src, op);
   const int64_t max_n = pairs.max_count();
   at::Tensor abuf = at::empty({max_n, cin}, feats.options());
   at::Tensor pbuf = at::empty({max_n, cout}, feats.options());
@@ -93,11 +96,18 @@ at::Tensor conv_forward_cpu(const at::Tensor& feats_in, const at::Tensor& weight
   return out;
 }
 
+}  // namespace
+
+at::Tensor conv_forward_cpu(const at::Tensor& feats, const at::Tensor& weight, const at::Tensor& nbmap,
+                            int64_t num_out, bool transposed) {
+  return conv_forward_impl(feats, weight, nbmap, num_out, transposed, "conv_forward");
+}
+
 at::Tensor conv_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& weight, const at::Tensor& nbmap,
                                int64_t num_in, bool transposed) {
   TORCH_CHECK_VALUE(weight.dim() == 3, "sparseconv.conv_input_grad: weight must be [K, C_in, C_out], got shape ",
                     weight.sizes());
-  return conv_forward_cpu(grad_out, weight.transpose(1, 2), nbmap, num_in, !transposed);
+  return conv_forward_impl(grad_out, weight.transpose(1, 2), nbmap, num_in, !transposed, "conv_input_grad");
 }
 
 at::Tensor conv_weight_grad_cpu(const at::Tensor& feats_in, const at::Tensor& grad_in, const at::Tensor& nbmap_in,
@@ -105,6 +115,7 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& feats_in, const at::Tensor& gr
   const char* op = "conv_weight_grad";
   check_feats(feats_in, op, "feats");
   check_feats(grad_in, op, "grad_out");
+  check_cpu_dtype(feats_in, op);
   check_nbmap(nbmap_in, op);
   TORCH_CHECK_VALUE(feats_in.scalar_type() == grad_in.scalar_type(), "sparseconv.", op,
                     ": feats and grad_out dtypes differ");

@@ -52,6 +52,18 @@ at::Tensor kmap_submanifold_cpu(const at::Tensor& keys_in, const at::Tensor& val
   const int64_t* vp = values.data_ptr<int64_t>();
   const int32_t* c = coords.data_ptr<int32_t>();
   int32_t* map = nbmap.data_ptr<int32_t>();
+  // The symmetric fill writes rows named by the table, so the table must be exactly this set.
+  {
+    int64_t entries = 0;
+    bool bad = false;
+    for (int64_t s = 0; s < cap; ++s) {
+      if (kp[s] == kEmptyKey) continue;
+      ++entries;
+      bad |= vp[s] < 0 || vp[s] >= n;
+    }
+    TORCH_CHECK_VALUE(entries == n && !bad, "sparseconv.kmap_submanifold: the hash table holds ", entries,
+                      " coordinates but coords has ", n, " rows; pass the coords the table was built from");
+  }
 
   // Per-offset displacement.
   std::vector<int64_t> disp(3 * kvol);

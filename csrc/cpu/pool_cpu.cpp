@@ -12,6 +12,7 @@ namespace {
 
 void check_pool_args(const char* op, const at::Tensor& feats, const at::Tensor& nbmap) {
   check_feats(feats, op, "feats");
+  check_cpu_dtype(feats, op);
   check_nbmap(nbmap, op);
   check_same_device(feats, nbmap, op, "feats", "nbmap");
 }
@@ -69,6 +70,7 @@ std::tuple<at::Tensor, at::Tensor> maxpool_forward_cpu(const at::Tensor& feats_i
 at::Tensor maxpool_backward_cpu(const at::Tensor& grad_in, const at::Tensor& argmax_in, int64_t num_in) {
   const char* op = "maxpool_backward";
   check_feats(grad_in, op, "grad_out");
+  check_cpu_dtype(grad_in, op);
   TORCH_CHECK_VALUE(argmax_in.sizes() == grad_in.sizes() && argmax_in.scalar_type() == at::kLong, "sparseconv.", op,
                     ": argmax must be int64 with the shape of grad_out");
   TORCH_CHECK_VALUE(num_in >= 0, "sparseconv.", op, ": num_in must be >= 0");

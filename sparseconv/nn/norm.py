@@ -36,8 +36,8 @@ class _AllReduceSum(torch.autograd.Function):
     """Differentiable sum all-reduce: forward sums over the ranks of ``group``; so does backward
     (the gradient of every rank's loss flows back to every rank's contribution).
 
-    Same as ``torch.distributed.nn.functional.all_reduce`` (which warns that it is deprecated on
-    every call); works with any backend and device.
+    What ``torch.distributed.nn.functional.all_reduce`` does, without its deprecation warning
+    (its suggested replacement is not differentiable); works with any backend and device.
     """
 
     @staticmethod
@@ -120,7 +120,7 @@ class SyncBatchNorm(torch.nn.modules.batchnorm._BatchNorm, SparseModule):
         total = _AllReduceSum.apply(local, group)
         count = total[c].detach()
         denom = count.clamp_min(1.0)
-        mean = total[:c] / denom if False else (v.mean(0) if v.shape[0] else v.new_zeros(c))
+        mean = total[:c] / denom
         centred = v - mean
         sq = _AllReduceSum.apply((centred * centred).sum(0), group)
         var = sq / denom
