@@ -102,6 +102,7 @@ def mean_voxelize(points: np.ndarray, voxel_size, point_range):
     return uniq.astype(np.int32), feats.astype(np.float32), tuple(int(g) for g in grid)
 
 
+@torch.no_grad()
 def _dense_check(x, seed: int) -> float:
     """Max |difference| between SubMConv3d and dense conv3d on a 48 x 48 x Z crop around the busiest voxel."""
     from sparseconv import SparseTensor
@@ -117,8 +118,7 @@ def _dense_check(x, seed: int) -> float:
     crop = SparseTensor(x.features[inside].double(), c, shape, batch_size=1)
     torch.manual_seed(seed)
     conv = SubMConv3d(crop.num_channels, 16, 3).double()
-    with torch.no_grad():
-        sparse = conv(crop).features
+    sparse = conv(crop).features
     w = conv.weight.reshape(3, 3, 3, crop.num_channels, 16).permute(4, 3, 0, 1, 2)
     dense = torch.nn.functional.conv3d(crop.dense(), w, conv.bias, padding=1)
     idx = c.long()
