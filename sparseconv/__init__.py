@@ -6,7 +6,9 @@ from . import ops  # noqa: F401  (registers fake kernels and autograd formulas)
 from . import nn  # noqa: F401
 from .coords import CoordinateSet
 from .tensor import SparseTensor, cat
+from .voxelize import devoxelize, voxelize, voxelize_padded
 
 __version__ = "0.1.0"
 
-__all__ = ["SparseTensor", "CoordinateSet", "cat", "nn", "ops", "__version__"]
+__all__ = ["SparseTensor", "CoordinateSet", "cat", "voxelize", "voxelize_padded", "devoxelize", "nn", "ops",
+           "__version__"]

@@ -29,7 +29,7 @@ from ._compat import eager_only
 
 Triple = Tuple[int, int, int]
 
-__all__ = ["CoordinateSet", "ConvRecord", "conv_output_shape", "conv_transpose_output_shape"]
+__all__ = ["CoordinateSet", "ConvRecord", "VoxelGeometry", "conv_output_shape", "conv_transpose_output_shape"]
 
 
 def conv_output_shape(spatial_shape, kernel_size, stride, padding, dilation) -> Triple:
@@ -60,6 +60,38 @@ def conv_transpose_output_shape(spatial_shape, kernel_size, stride, padding, dil
     return out
 
 
+@dataclass(frozen=True)
+class VoxelGeometry:
+    """Where the voxels of a grid are in the world: voxel ``c`` (per axis) spans
+    ``origin + c * voxel_size`` to ``origin + (c + 1) * voxel_size``.
+
+    Set by :func:`sparseconv.voxelize` (``origin`` is the lower corner of the point range) and
+    carried through strided and transposed convolutions, so that
+    :func:`sparseconv.devoxelize` can bring the features of any stage back to points.
+    """
+
+    voxel_size: Tuple[float, float, float]
+    origin: Tuple[float, float, float]
+
+    def __post_init__(self):
+        if len(self.voxel_size) != 3 or len(self.origin) != 3 or min(self.voxel_size) <= 0:
+            raise ValueError(f"voxel_size must be 3 positive values and origin 3 values, got {self}")
+
+    def after_conv(self, kernel_size, stride, padding, dilation, transposed: bool) -> "VoxelGeometry":
+        """The geometry of a convolution's output grid.
+
+        Output voxel ``o`` is centred where its kernel window is centred: at input-grid position
+        ``o * s - p + d (k - 1) / 2`` (``(o + p - d (k - 1) / 2) / s`` for a transposed conv).
+        """
+        size, origin = [], []
+        for vs, org, k, s, p, d in zip(self.voxel_size, self.origin, kernel_size, stride, padding, dilation):
+            scale, shift = (1.0 / s, (p - d * (k - 1) / 2) / s) if transposed else (float(s), -p + d * (k - 1) / 2)
+            size.append(vs * scale)
+            # centre(o) = org + (scale * o + shift + 0.5) * vs = new_origin + (o + 0.5) * vs * scale
+            origin.append(org + (shift + 0.5) * vs - 0.5 * vs * scale)
+        return VoxelGeometry(tuple(size), tuple(origin))
+
+
 @dataclass(frozen=True, eq=False)
 class ConvRecord:
     """How a strided (or transposed) convolution mapped ``source`` onto ``target``.
@@ -81,7 +113,8 @@ class ConvRecord:
 class CoordinateSet:
     """Active sites of a sparse tensor with the caches derived from them (internal)."""
 
-    __slots__ = ("coords", "spatial_shape", "stride", "batch_size", "parent", "keyed", "_hash", "_subm", "_strided")
+    __slots__ = ("coords", "spatial_shape", "stride", "batch_size", "parent", "keyed", "geometry", "_hash", "_subm",
+                 "_strided")
 
     def __init__(
         self,
@@ -91,6 +124,7 @@ class CoordinateSet:
         batch_size: int,
         parent: Optional[ConvRecord] = None,
         keyed: Optional[Dict[str, ConvRecord]] = None,
+        geometry: Optional["VoxelGeometry"] = None,
     ):
         self.coords = coords
         self.spatial_shape = tuple(int(s) for s in spatial_shape)
@@ -98,6 +132,7 @@ class CoordinateSet:
         self.batch_size = int(batch_size)
         self.parent = parent
         self.keyed = {} if keyed is None else keyed
+        self.geometry = geometry
         self._hash = None
         self._subm: Dict[tuple, torch.Tensor] = {}
         self._strided: Dict[tuple, ConvRecord] = {}
@@ -153,7 +188,11 @@ class CoordinateSet:
             out_coords, nbmap = ops.kmap_strided(
                 self.coords, self.grid, out_shape, kernel_size, stride, padding, dilation, transposed
             )
-            target = CoordinateSet(out_coords, out_shape, out_stride, self.batch_size, keyed=self.keyed)
+            geometry = None
+            if self.geometry is not None:
+                geometry = self.geometry.after_conv(kernel_size, stride, padding, dilation, transposed)
+            target = CoordinateSet(out_coords, out_shape, out_stride, self.batch_size, keyed=self.keyed,
+                                   geometry=geometry)
             record = ConvRecord(
                 self,
                 target,
@@ -202,4 +241,5 @@ class CoordinateSet:
         """The same sites on another device (caches are rebuilt there on demand)."""
         if self.coords.device == torch.device(device):
             return self
-        return CoordinateSet(self.coords.to(device), self.spatial_shape, self.stride, self.batch_size)
+        return CoordinateSet(self.coords.to(device), self.spatial_shape, self.stride, self.batch_size,
+                             geometry=self.geometry)

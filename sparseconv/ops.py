@@ -31,6 +31,7 @@ __all__ = [
     "maxpool_backward",
     "avgpool_forward",
     "avgpool_backward",
+    "voxelize",
     "OP_NAMES",
 ]
 
@@ -49,6 +50,7 @@ OP_NAMES = (
     "maxpool_backward",
     "avgpool_forward",
     "avgpool_backward",
+    "voxelize",
 )
 
 
@@ -117,6 +119,21 @@ def _avgpool_forward_fake(feats, nbmap, count_inactive):
 @torch.library.register_fake("sparseconv::avgpool_backward")
 def _avgpool_backward_fake(grad_out, nbmap, num_in, count_inactive):
     return grad_out.new_empty((num_in, grad_out.shape[1]))
+
+
+@torch.library.register_fake("sparseconv::voxelize")
+def _voxelize_fake(points, batch, voxel_size, lower, grid, batch_size, max_points, max_voxels, reduce, order_by_first):
+    v = torch.library.get_ctx().new_dynamic_size()
+    n = points.shape[0]
+    f = 1 if reduce == "count" else (max_points * points.shape[1] if reduce == "pad" else points.shape[1])
+    return (
+        points.new_empty((v, 4), dtype=torch.int32),
+        points.new_empty((v, f)),
+        points.new_empty((n,), dtype=torch.int64),
+        points.new_empty((n,), dtype=torch.int32),
+        points.new_empty((v,), dtype=torch.int32),
+        points.new_empty((4,), dtype=torch.int64),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -320,3 +337,14 @@ def avgpool_forward(feats, nbmap, count_inactive: bool = False):
 
 def avgpool_backward(grad_out, nbmap, num_in: int, count_inactive: bool = False):
     return _ops.avgpool_backward(grad_out, nbmap, num_in, bool(count_inactive))
+
+
+def voxelize(points, batch, voxel_size, lower, grid, batch_size: int, max_points: int = -1, max_voxels: int = -1,
+             reduce: str = "mean", order_by_first: bool = False):
+    """Raw voxelization op (``csrc/voxelize.h``); see :func:`sparseconv.voxelize` for the user-facing API.
+
+    Returns ``(coords, feats, point_voxel, point_rank, counts, drops)``.
+    """
+    return _ops.voxelize(points, batch, [float(v) for v in voxel_size], [float(v) for v in lower],
+                         [int(g) for g in grid], int(batch_size), int(max_points), int(max_voxels), str(reduce),
+                         bool(order_by_first))

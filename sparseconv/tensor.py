@@ -5,7 +5,7 @@ from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .coords import CoordinateSet
+from .coords import CoordinateSet, VoxelGeometry
 
 __all__ = ["SparseTensor", "cat"]
 
@@ -41,6 +41,9 @@ class SparseTensor:
         spatial_shape: grid bounds ``(X, Y, Z)``; default ``coords.max(0) + 1``.
         stride: tensor stride (int or 3 ints) relative to the finest grid.
         batch_size: number of batch elements ``B``; default ``max(batch) + 1``.
+        voxel_size, origin: optional world geometry (3 floats each): voxel ``c`` spans
+            ``origin + c * voxel_size`` to ``origin + (c + 1) * voxel_size``; needed by
+            :func:`sparseconv.devoxelize`, set by :func:`sparseconv.voxelize`.
 
     Raises:
         TypeError: ``feats`` or ``coords`` have the wrong type or dtype.
@@ -63,6 +66,9 @@ class SparseTensor:
         spatial_shape: Optional[Sequence[int]] = None,
         stride: IntOr3 = 1,
         batch_size: Optional[int] = None,
+        *,
+        voxel_size: Optional[Sequence[float]] = None,
+        origin: Optional[Sequence[float]] = None,
     ):
         if not isinstance(feats, torch.Tensor):
             raise TypeError(f"feats must be a torch.Tensor, got {type(feats).__name__}")
@@ -120,7 +126,12 @@ class SparseTensor:
                     f"coordinate {tuple(coords[row].tolist())} at row {row} has batch index {hi[0]} "
                     f"but batch_size is {batch_size}"
                 )
-        cset = CoordinateSet(coords.contiguous(), spatial_shape, stride, batch_size)
+        geometry = None
+        if voxel_size is not None or origin is not None:
+            if voxel_size is None or origin is None:
+                raise ValueError("give voxel_size and origin together")
+            geometry = VoxelGeometry(tuple(float(v) for v in voxel_size), tuple(float(v) for v in origin))
+        cset = CoordinateSet(coords.contiguous(), spatial_shape, stride, batch_size, geometry=geometry)
         cset.hash_table()  # builds the hash; rejects duplicate coordinates with the rows that repeat
         object.__setattr__(self, "_feats", feats)
         object.__setattr__(self, "_cset", cset)
@@ -169,6 +180,11 @@ class SparseTensor:
     @property
     def batch_size(self) -> int:
         return self._cset.batch_size
+
+    @property
+    def geometry(self) -> Optional[VoxelGeometry]:
+        """World geometry of the grid (``voxel_size``, ``origin``), or ``None`` when unknown."""
+        return self._cset.geometry
 
     @property
     def num_voxels(self) -> int:

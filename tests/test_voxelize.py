@@ -1,0 +1,358 @@
+"""Voxelization and devoxelization against NumPy references (and spconv's PointToVoxel)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import sparseconv as sc
+from sparseconv import ops
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KITTI = os.path.join(ROOT, "..", "shared", "data", "kitti", "velodyne", "000000.bin")
+KITTI_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)
+
+
+# ----------------------------------------------------------------------------------- references
+def numpy_voxelize(points, voxel_size, point_range, reduce="mean", max_points=None, max_voxels=None, batch=None):
+    """Plain NumPy, one point at a time: spconv PointToVoxel's rules written out.
+
+    Returns (coords [V, 4] in first-appearance order, feats [V, F], counts [V], point_to_voxel [N], drops dict).
+    """
+    pts = np.asarray(points)
+    dt = pts.dtype.type
+    lo = np.asarray(point_range[:3], dtype=pts.dtype)
+    vs = np.asarray(voxel_size, dtype=pts.dtype)
+    grid = np.round((np.asarray(point_range[3:], np.float64) - np.asarray(point_range[:3], np.float64))
+                    / np.asarray(voxel_size, np.float64)).astype(np.int64)
+    index, coords, members = {}, [], []
+    p2v = np.full(len(pts), -1, np.int64)
+    drops = dict(nonfinite=0, outside=0, max_voxels=0, max_points=0)
+    for i, p in enumerate(pts):
+        if not np.isfinite(p[:3]).all():
+            drops["nonfinite"] += 1
+            continue
+        q = np.floor((p[:3] - lo) / vs).astype(np.float64)
+        if (q < 0).any() or (q >= grid).any():
+            drops["outside"] += 1
+            continue
+        key = (0 if batch is None else int(batch[i]),) + tuple(int(v) for v in q)
+        v = index.get(key)
+        if v is None:
+            if max_voxels is not None and len(coords) >= max_voxels:
+                drops["max_voxels"] += 1
+                continue
+            v = index[key] = len(coords)
+            coords.append(key)
+            members.append([])
+        if max_points is not None and len(members[v]) >= max_points:
+            drops["max_points"] += 1
+            continue
+        members[v].append(i)
+        p2v[i] = v
+    feats = []
+    for m in members:
+        rows = pts[m]
+        feats.append({"mean": rows.mean(0, dtype=np.float64).astype(dt), "max": rows.max(0),
+                      "sum": rows.sum(0, dtype=np.float64).astype(dt), "first": rows[0],
+                      "count": np.array([len(m)], dt)}[reduce])
+    f = 1 if reduce == "count" else pts.shape[1]
+    return (np.asarray(coords, np.int64).reshape(-1, 4), np.asarray(feats, dt).reshape(-1, f),
+            np.asarray([len(m) for m in members], np.int64), p2v, drops)
+
+
+def to_key_order(coords):
+    """Permutation that sorts [V, 4] coordinates by (batch, x, y, z)."""
+    return np.lexsort(coords[:, ::-1].T)
+
+
+def lidar_like(n=3000, seed=0, c=4):
+    rng = np.random.default_rng(seed)
+    theta = rng.uniform(-np.pi, np.pi, n)
+    r = rng.uniform(2, 60, n) ** 1.0
+    pts = np.stack([r * np.cos(theta), r * np.sin(theta), rng.normal(-1.5, 0.6, n)], 1)
+    # clusters: many points per voxel
+    pts[: n // 3] = pts[: n // 3 : 1] * 0 + rng.normal([10, 2, -1], 0.2, (n // 3, 3))
+    extra = rng.uniform(0, 1, (n, c - 3))
+    return np.concatenate([pts, extra], 1).astype(np.float32)
+
+
+def check_against_numpy(points, voxel_size, point_range, reduce, max_points=None, max_voxels=None, batch=None):
+    pts = torch.from_numpy(points)
+    b = None if batch is None else torch.from_numpy(batch)
+    res = sc.voxelize(pts, voxel_size, point_range, reduce=reduce, max_points_per_voxel=max_points,
+                      max_voxels=max_voxels, batch=b, return_counts=True)
+    coords, feats, counts, p2v, drops = numpy_voxelize(points, voxel_size, point_range, reduce, max_points,
+                                                       max_voxels, batch)
+    order = to_key_order(coords)
+    x = res.tensor
+    np.testing.assert_array_equal(x.coords.numpy(), coords[order])
+    rtol = 1e-6 if points.dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(x.features.numpy(), feats[order], rtol=rtol, atol=rtol)
+    np.testing.assert_array_equal(res.counts.numpy(), counts[order])
+    rank_of = np.empty(len(order), np.int64)
+    rank_of[order] = np.arange(len(order))
+    expected_p2v = np.where(p2v >= 0, rank_of[np.maximum(p2v, 0)], -1)
+    np.testing.assert_array_equal(res.point_to_voxel.numpy(), expected_p2v)
+    assert res.stats == {
+        "points": len(points), "kept": int(counts.sum()), "voxels": len(counts),
+        "dropped_nonfinite": drops["nonfinite"], "dropped_out_of_range": drops["outside"],
+        "dropped_max_voxels": drops["max_voxels"], "dropped_max_points": drops["max_points"],
+    }
+    return res
+
+
+# ----------------------------------------------------------------------------------- voxelize
+@pytest.mark.parametrize("reduce", ["mean", "max", "sum", "first", "count"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_every_reduce_matches_numpy(reduce, dtype):
+    pts = lidar_like(2000, seed=1).astype(dtype)
+    check_against_numpy(pts, (0.5, 0.5, 0.4), (-30, -30, -4, 30, 30, 2), reduce)
+
+
+@pytest.mark.parametrize("max_points,max_voxels", [(1, None), (3, None), (None, 50), (2, 40), (5, 10000)])
+def test_limits_follow_point_to_voxel_rules(max_points, max_voxels):
+    pts = lidar_like(2500, seed=2)
+    res = check_against_numpy(pts, (1.0, 1.0, 1.0), (-30, -30, -4, 30, 30, 2), "mean", max_points, max_voxels)
+    if max_voxels is not None:
+        assert res.tensor.num_voxels <= max_voxels
+
+
+def test_random_inputs_with_nan_inf_and_out_of_range_points():
+    rng = np.random.default_rng(3)
+    pts = rng.uniform(-12, 12, (1500, 5)).astype(np.float32)
+    pts[rng.choice(1500, 40, replace=False), rng.integers(0, 3, 40)] = np.nan
+    pts[rng.choice(1500, 20, replace=False), 1] = np.inf
+    pts[rng.choice(1500, 20, replace=False), 2] = -np.inf
+    pts[5] = [1e30, 0, 0, 0, 0]  # would overflow an integer conversion
+    res = check_against_numpy(pts, (0.7, 0.9, 1.1), (-10, -10, -10, 10, 10, 10), "max")
+    assert res.stats["dropped_nonfinite"] > 0 and res.stats["dropped_out_of_range"] > 0
+
+
+def test_batch_index_and_batch_size():
+    pts = lidar_like(1200, seed=4)
+    batch = np.random.default_rng(4).integers(0, 3, len(pts)).astype(np.int64)
+    res = check_against_numpy(pts, (0.5, 0.5, 0.5), (-30, -30, -4, 30, 30, 2), "mean", batch=batch)
+    assert res.tensor.batch_size == 3
+    res = sc.voxelize(torch.from_numpy(pts), (0.5, 0.5, 0.5), (-30, -30, -4, 30, 30, 2),
+                      batch=torch.from_numpy(batch), batch_size=5)
+    assert res.tensor.batch_size == 5
+
+
+def test_points_on_range_boundaries():
+    vs, rng = (0.25, 0.25, 0.25), (0.0, 0.0, 0.0, 2.0, 2.0, 2.0)
+    pts = np.array([[0, 0, 0], [2, 1, 1], [1.999, 1.999, 1.999], [-1e-7, 1, 1], [0.25, 0.5, 0.75]], np.float32)
+    res = check_against_numpy(pts, vs, rng, "first")
+    assert res.stats["dropped_out_of_range"] == 2
+
+
+def test_empty_and_all_dropped_inputs():
+    for pts in (np.zeros((0, 4), np.float32), np.full((5, 4), np.nan, np.float32)):
+        res = sc.voxelize(torch.from_numpy(pts), (1, 1, 1), (0, 0, 0, 4, 4, 4), return_counts=True)
+        assert res.tensor.num_voxels == 0 and res.tensor.features.shape == (0, 4)
+        assert (res.point_to_voxel == -1).all() and res.stats["kept"] == 0
+        padded = sc.voxelize_padded(torch.from_numpy(pts), (1, 1, 1), (0, 0, 0, 4, 4, 4), 3)
+        assert padded.voxels.shape == (0, 3, 4)
+
+
+def test_result_unpacks_and_carries_geometry_and_shape():
+    pts = torch.from_numpy(lidar_like(500, seed=5))
+    x, p2v = sc.voxelize(pts, (0.5, 0.4, 0.25), (-30, -30, -4, 30, 30, 2))
+    assert x.spatial_shape == (120, 150, 24) and p2v.shape == (500,)
+    assert x.geometry.voxel_size == (0.5, 0.4, 0.25) and x.geometry.origin == (-30.0, -30.0, -4.0)
+
+
+def test_centroid_offset():
+    pts = lidar_like(800, seed=6)
+    res = sc.voxelize(torch.from_numpy(pts), (0.5, 0.5, 0.5), (-30, -30, -4, 30, 30, 2), reduce="max",
+                      return_centroid_offset=True)
+    coords, feats, *_ = numpy_voxelize(pts, (0.5, 0.5, 0.5), (-30, -30, -4, 30, 30, 2), "mean")
+    order = to_key_order(coords)
+    centre = np.array([-30, -30, -4], np.float32) + (coords[order][:, 1:] + 0.5) * 0.5
+    np.testing.assert_allclose(res.centroid_offset.numpy(), feats[order][:, :3] - centre, atol=1e-5)
+
+
+def test_padded_layout_matches_numpy():
+    pts = lidar_like(2000, seed=7)
+    out = sc.voxelize_padded(torch.from_numpy(pts), (1.0, 1.0, 1.0), (-30, -30, -4, 30, 30, 2), 4, 300)
+    coords, _, counts, p2v, _ = numpy_voxelize(pts, (1.0, 1.0, 1.0), (-30, -30, -4, 30, 30, 2), "first", 4, 300)
+    np.testing.assert_array_equal(out.coords.numpy(), coords)  # first-appearance order, as spconv
+    np.testing.assert_array_equal(out.num_points.numpy(), counts)
+    np.testing.assert_array_equal(out.point_to_voxel.numpy(), p2v)
+    expected = np.zeros((len(coords), 4, 4), np.float32)
+    fill = np.zeros(len(coords), np.int64)
+    for i, v in enumerate(p2v):
+        if v >= 0:
+            expected[v, fill[v]] = pts[i]
+            fill[v] += 1
+    np.testing.assert_array_equal(out.voxels.numpy(), expected)
+
+
+@pytest.mark.skipif(not os.path.exists(KITTI), reason="../shared/data/kitti is absent")
+def test_real_kitti_scan_matches_vectorised_numpy():
+    pts = np.fromfile(KITTI, np.float32).reshape(-1, 4)
+    vs = (0.05, 0.05, 0.1)
+    res = sc.voxelize(torch.from_numpy(pts), vs, KITTI_RANGE, return_counts=True)
+    q = np.floor((pts[:, :3] - np.array(KITTI_RANGE[:3], np.float32)) / np.array(vs, np.float32))
+    grid = np.round((np.array(KITTI_RANGE[3:]) - np.array(KITTI_RANGE[:3])) / np.array(vs)).astype(np.int64)
+    keep = np.isfinite(pts[:, :3]).all(1) & (q >= 0).all(1) & (q < grid).all(1)
+    uniq, inverse, counts = np.unique(q[keep].astype(np.int64), axis=0, return_inverse=True, return_counts=True)
+    sums = np.zeros((len(uniq), 4))
+    np.add.at(sums, inverse.reshape(-1), pts[keep].astype(np.float64))
+    np.testing.assert_array_equal(res.tensor.coords[:, 1:].numpy(), uniq)
+    np.testing.assert_allclose(res.tensor.features.numpy(), sums / counts[:, None], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(res.counts.numpy(), counts)
+    assert res.tensor.num_voxels == 41281 and res.stats["kept"] == keep.sum()
+
+
+# ----------------------------------------------------------------------------------- spconv parity
+def _spconv_point_to_voxel(pts, vs, rng, max_points, max_voxels):
+    spconv_utils = pytest.importorskip("spconv.pytorch.utils")
+    torch.set_num_threads(1)  # spconv's CPU kernels race on several threads (docs/migration.md)
+    try:
+        gen = spconv_utils.PointToVoxel(vsize_xyz=list(vs), coors_range_xyz=list(rng), num_point_features=pts.shape[1],
+                                        max_num_voxels=max_voxels, max_num_points_per_voxel=max_points)
+        return gen(torch.from_numpy(pts))
+    finally:
+        torch.set_num_threads(torch.get_num_threads())
+
+
+@pytest.mark.parametrize("vs,max_points,max_voxels", [((0.05, 0.05, 0.1), 5, 150000), ((0.16, 0.16, 4.0), 32, 40000),
+                                                       ((0.4, 0.4, 0.4), 3, 2000)])
+def test_padded_layout_equals_spconv_point_to_voxel(vs, max_points, max_voxels):
+    if os.path.exists(KITTI):
+        pts = np.fromfile(KITTI, np.float32).reshape(-1, 4)
+    else:
+        pts = lidar_like(20000, seed=8)
+    voxels, indices, num = _spconv_point_to_voxel(pts, vs, KITTI_RANGE, max_points, max_voxels)
+    ours = sc.voxelize_padded(torch.from_numpy(pts), vs, KITTI_RANGE, max_points, max_voxels)
+    np.testing.assert_array_equal(ours.coords[:, 1:].numpy(), indices.numpy()[:, ::-1])  # spconv: (z, y, x)
+    np.testing.assert_array_equal(ours.num_points.numpy(), num.numpy())
+    np.testing.assert_array_equal(ours.voxels.numpy(), voxels.numpy())
+
+
+# ----------------------------------------------------------------------------------- devoxelize
+def numpy_devoxelize(coords, feats, pts, vs, origin, mode):
+    table = {tuple(c): i for i, c in enumerate(coords.tolist())}
+    out = np.zeros((len(pts), feats.shape[1]))
+    for n, p in enumerate(pts):
+        u = (p[:3].astype(np.float64) - origin) / vs
+        if mode == "nearest":
+            i = table.get((0,) + tuple(int(v) for v in np.floor(u)))
+            if i is not None:
+                out[n] = feats[i]
+            continue
+        u = u - 0.5
+        base = np.floor(u)
+        f = u - base
+        acc, wsum = np.zeros(feats.shape[1]), 0.0
+        for corner in np.ndindex(2, 2, 2):
+            c = np.array(corner)
+            i = table.get((0,) + tuple(int(v) for v in base + c))
+            if i is None:
+                continue
+            w = np.prod(np.where(c == 1, f, 1 - f))
+            acc += w * feats[i]
+            wsum += w
+        if wsum > 0:
+            out[n] = acc / wsum
+    return out
+
+
+@pytest.mark.parametrize("mode", ["nearest", "trilinear"])
+def test_devoxelize_matches_numpy(mode):
+    pts = lidar_like(1500, seed=9).astype(np.float64)
+    vs, rng = (0.5, 0.5, 0.5), (-30, -30, -4, 30, 30, 2)
+    x, p2v = sc.voxelize(torch.from_numpy(pts), vs, rng)
+    feats = torch.randn(x.num_voxels, 3, dtype=torch.float64)
+    x = x.replace_feature(feats)
+    query = np.concatenate([pts, np.random.default_rng(9).uniform(-30, 30, (200, 4))])  # some in empty space
+    got = sc.devoxelize(x, torch.from_numpy(query), mode)
+    ref = numpy_devoxelize(x.coords.numpy(), feats.numpy(), query, np.array(vs), np.array(rng[:3], np.float64), mode)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-10)
+    if mode == "trilinear":  # the voxel of every voxelized point is active: weights renormalise to 1
+        kept = torch.from_numpy(pts)[p2v >= 0]
+        ones = sc.devoxelize(x.replace_feature(torch.ones(x.num_voxels, 1, dtype=torch.float64)), kept, mode)
+        torch.testing.assert_close(ones, torch.ones_like(ones))
+
+
+def test_devoxelize_gradient():
+    pts = torch.from_numpy(lidar_like(300, seed=10).astype(np.float64))
+    x, _ = sc.voxelize(pts, (1.0, 1.0, 1.0), (-30, -30, -4, 30, 30, 2))
+    feats = torch.randn(x.num_voxels, 2, dtype=torch.float64, requires_grad=True)
+    for mode in ("nearest", "trilinear"):
+        assert torch.autograd.gradcheck(lambda f: sc.devoxelize(x.replace_feature(f), pts[:50], mode), (feats,))
+
+
+def test_devoxelize_after_strided_conv_uses_the_coarse_geometry():
+    pts = torch.from_numpy(lidar_like(1000, seed=11).astype(np.float64))
+    x, _ = sc.voxelize(pts, (0.5, 0.5, 0.5), (-30, -30, -4, 30, 30, 2))
+    y = sc.nn.SparseConv3d(4, 2, 2, stride=2).double()(x)  # kernel 2 stride 2: voxel size 1.0, same origin
+    assert y.geometry.voxel_size == (1.0, 1.0, 1.0) and y.geometry.origin == (-30.0, -30.0, -4.0)
+    got = sc.devoxelize(y, pts, "nearest")
+    ref = numpy_devoxelize(y.coords.numpy(), y.features.detach().numpy(), pts.numpy(), np.ones(3),
+                           np.array([-30.0, -30.0, -4.0]), "nearest")
+    np.testing.assert_allclose(got.detach().numpy(), ref)
+    z = sc.nn.SparseConv3d(4, 2, 3, stride=2, padding=1).double()(x)  # centred on input voxel 2o
+    centre = np.array(z.geometry.origin) + (z.coords[:, 1:].numpy() + 0.5) * np.array(z.geometry.voxel_size)
+    fine_centre = np.array([-30.0, -30.0, -4.0]) + (2 * z.coords[:, 1:].numpy() + 0.5) * 0.5
+    np.testing.assert_allclose(centre, fine_centre)
+
+
+# ----------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(points=torch.zeros(4, 2)), ValueError, r"points must be \[N, C\] with C >= 3"),
+    (dict(points=torch.zeros(4, 4, dtype=torch.int32)), TypeError, r"points must be floating point"),
+    (dict(voxel_size=(0.1, 0, 0.1)), ValueError, r"voxel_size must be positive"),
+    (dict(voxel_size=(0.1, 0.1)), ValueError, r"voxel_size must have 3 values"),
+    (dict(point_range=(0, 0, 0, 1, 1)), ValueError, r"point_range must be"),
+    (dict(point_range=(0, 0, 0, 0, 1, 1)), ValueError, r"is empty for voxel_size"),
+    (dict(reduce="median"), ValueError, r"reduce must be one of"),
+    (dict(max_points_per_voxel=0), ValueError, r"max_points_per_voxel must be >= 1"),
+    (dict(max_voxels=-3), ValueError, r"max_voxels must be >= 1"),
+    (dict(batch=torch.tensor([0, 1, 2, 3]), batch_size=2), ValueError, r"batch indices must be in \[0, 2\)"),
+    (dict(batch=torch.tensor([0, -1, 0, 0])), ValueError, r"batch indices must be in"),
+    (dict(batch=torch.tensor([0, 1])), ValueError, r"batch must be a \[N\] = \[4\]"),
+    (dict(batch=torch.tensor([0.0, 1, 0, 0])), ValueError, r"batch must be an integer tensor"),
+    (dict(points=torch.zeros(4, 4, dtype=torch.float16)), TypeError, r"float32 and float64"),
+])
+def test_voxelize_errors(kwargs, exc, match):
+    args = dict(points=torch.rand(4, 4), voxel_size=(0.5, 0.5, 0.5), point_range=(0, 0, 0, 1, 1, 1))
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        sc.voxelize(**args)
+
+
+def test_voxelize_grid_too_large_for_keys():
+    with pytest.raises(ValueError, match="2\\^62"):
+        sc.voxelize(torch.rand(4, 4), (1e-6, 1e-6, 1e-6), (0, 0, 0, 1000, 1000, 1000))
+
+
+def test_devoxelize_errors():
+    x = sc.SparseTensor(torch.rand(2, 3), torch.tensor([[0, 0, 0, 0], [0, 1, 1, 1]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs the voxel geometry"):
+        sc.devoxelize(x, torch.rand(5, 3))
+    y = sc.SparseTensor(torch.rand(2, 3), x.coords, voxel_size=(1, 1, 1), origin=(0, 0, 0))
+    with pytest.raises(ValueError, match="mode must be"):
+        sc.devoxelize(y, torch.rand(5, 3), mode="cubic")
+    with pytest.raises(ValueError, match=r"points must be \[N, >= 3\]"):
+        sc.devoxelize(y, torch.rand(5, 2))
+    with pytest.raises(ValueError, match=r"batch must be \[N\]"):
+        sc.devoxelize(y, torch.rand(5, 3), batch=torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(TypeError, match="expects a SparseTensor"):
+        sc.devoxelize(torch.rand(2, 3), torch.rand(5, 3))
+
+
+def test_voxelize_op_is_deterministic_across_threads():
+    pts = torch.from_numpy(lidar_like(60000, seed=12))
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(ops.voxelize(pts, None, (0.2, 0.2, 0.2), (-30, -30, -4), (300, 300, 30), 1, 3, 5000, "sum",
+                                     False))
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
