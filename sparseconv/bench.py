@@ -52,11 +52,12 @@ def time_alternating(fns: Dict[str, Callable[[], object]], repeats: int, warmup:
 
 def load_scans(inputs: Sequence[str]) -> List[Tuple[str, np.ndarray]]:
     """``(name, float32 [N, 4])`` scans: the given files, else the KITTI scans beside the repo, else a simulated one."""
-    from .cli.demo import read_kitti_bin, simulated_scan
+    from .cli.demo import simulated_scan
+    from .io import read_points
 
     paths = list(inputs) or sorted(glob.glob(os.path.join(DEFAULT_KITTI, "*.bin")))
     if paths:
-        return [(os.path.basename(p), read_kitti_bin(p)) for p in paths]
+        return [(os.path.basename(p), read_points(p).to_array()) for p in paths]
     return [("simulated", simulated_scan(0))]
 
 

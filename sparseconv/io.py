@@ -770,7 +770,9 @@ def save_voxels(path: PathLike, tensor: SparseTensor, /, **meta) -> None:
 
     The archive holds ``coords`` (int32 ``[V, 4]`` rows ``batch, x, y, z``), ``feats``
     (``[V, C]``; bfloat16 is stored as float32), ``spatial_shape`` and ``stride`` (int64 ``[3]``),
-    ``batch_size`` and ``version`` (scalars), and one array per ``meta`` entry.
+    ``batch_size`` and ``version`` (scalars), the voxel geometry when the tensor has one
+    (``geometry_voxel_size``, ``geometry_origin``; restored by :func:`load_voxels`, so a loaded
+    tensor can be devoxelized), and one array per ``meta`` entry.
 
     Args:
         path: the output file (written as given; no extension is added).
@@ -799,8 +801,11 @@ def save_voxels(path: PathLike, tensor: SparseTensor, /, **meta) -> None:
         "batch_size": np.int64(tensor.batch_size),
         "version": np.int64(VOXEL_FORMAT_VERSION),
     }
+    if tensor.geometry is not None:  # voxel size and origin, so that a loaded tensor can devoxelize
+        arrays["geometry_voxel_size"] = np.asarray(tensor.geometry.voxel_size, np.float64)
+        arrays["geometry_origin"] = np.asarray(tensor.geometry.origin, np.float64)
     for name, value in meta.items():
-        if name in arrays:
+        if name in arrays or name.startswith("geometry_"):
             raise ValueError(f"metadata name {name!r} is reserved in a voxel file ({', '.join(_VOXEL_KEYS)})")
         if isinstance(value, torch.Tensor):
             value = value.detach().cpu().numpy()
@@ -837,6 +842,10 @@ def load_voxels(path: PathLike) -> Tuple[SparseTensor, Dict[str, object]]:
                 f"{VOXEL_FORMAT_VERSION}); upgrade sparseconv"
             )
         coords = arrays.pop("coords")
+        geometry = {}
+        if "geometry_voxel_size" in arrays and "geometry_origin" in arrays:
+            geometry = dict(voxel_size=tuple(float(v) for v in arrays.pop("geometry_voxel_size")),
+                            origin=tuple(float(v) for v in arrays.pop("geometry_origin")))
         if not np.issubdtype(coords.dtype, np.integer):
             raise TypeError(f"coords must be integers, got {coords.dtype}")
         tensor = SparseTensor(
@@ -845,6 +854,7 @@ def load_voxels(path: PathLike) -> Tuple[SparseTensor, Dict[str, object]]:
             spatial_shape=tuple(int(v) for v in arrays.pop("spatial_shape")),
             stride=tuple(int(v) for v in arrays.pop("stride")),
             batch_size=int(arrays.pop("batch_size")),
+            **geometry,
         )
     except PointCloudError:
         raise

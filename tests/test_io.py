@@ -656,3 +656,15 @@ def test_write_ply_failure_leaves_nothing(tmp_path, scan, monkeypatch):
     with pytest.raises(ValueError, match=r"empty\.ply: cannot write a PLY with 0 points"):
         sio.write_ply(tmp_path / "empty.ply", PointCloud(np.zeros((0, 3))))
     assert listing(tmp_path) == before
+
+
+def test_voxel_file_keeps_the_voxel_geometry(tmp_path):
+    import sparseconv as sc
+
+    pts = torch.rand(200, 4) * 10
+    x, _ = sc.voxelize(pts, (0.5, 0.25, 1.0), (0, 0, 0, 10, 10, 10))
+    path = tmp_path / "v.npz"
+    sio.save_voxels(path, x)
+    y, meta = sio.load_voxels(path)
+    assert y.geometry == x.geometry and meta == {}
+    torch.testing.assert_close(sc.devoxelize(y, pts), sc.devoxelize(x, pts))

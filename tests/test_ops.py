@@ -587,6 +587,10 @@ def _check_compiled(backend):
     conv = (torch.ops.sparseconv.conv_forward, torch.ops.sparseconv.conv_forward.default)
     traced = [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function" and n.target in conv]
     assert len(traced) >= 3  # conv1, down, conv2, up (some may share a graph)
+    # ... and no kernel-map op ends up in a graph: map building stays eager.
+    kmap_ops = {op for name in ("hash_build", "kmap_submanifold", "kmap_strided")
+                for op in (getattr(torch.ops.sparseconv, name), getattr(torch.ops.sparseconv, name).default)}
+    assert not [n for gm in graphs for n in gm.graph.nodes if n.op == "call_function" and n.target in kmap_ops]
     torch._dynamo.reset()
 
 

@@ -61,3 +61,14 @@ def test_cli_demo_on_real_kitti_scan():
     assert p.returncode == 0, p.stderr
     out = json.loads(p.stdout)
     assert out["voxels"] > 30000 and out["subm_vs_dense_max_abs_diff"] < 1e-9
+
+
+def test_benchmark_harness_smoke(tmp_path):
+    out = tmp_path / "bench.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "benchmark.py"), "--smoke", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert p.returncode == 0, p.stderr
+    data = json.loads(out.read_text())
+    impls = {r["impl"] for r in data["results"]}
+    assert {"sparseconv voxelize_padded", "sparseconv voxelize (mean)"} <= impls
+    assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in data["results"])

@@ -5,12 +5,21 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import demo
+from . import demo, info, view, voxelize
 
 EPILOG = """examples:
   sparseconv demo                                   # SECOND backbone on a built-in simulated scan
   sparseconv demo --input ../shared/data/kitti/velodyne/000000.bin
   sparseconv demo --input scan.bin --front --json   # KITTI front view, machine-readable output
+  sparseconv voxelize ../shared/data/kitti/velodyne -o voxels/ --voxel-size 0.05 0.05 0.1 --workers 2
+  sparseconv voxelize 'scans/*.bin' -o voxels/ --reduce max --max-points 5 --format ply
+  sparseconv info ../shared/data/kitti/velodyne/000000.bin voxels/000000.npz --json
+  sparseconv view ../shared/data/kitti/velodyne/000000.bin -o bev.png \\
+      --labels ../shared/data/kitti/label_2/000000.txt --calib ../shared/data/kitti/calib/000000.txt
+
+  sparseconv bench --workload voxelize --repeats 30  # timings against spconv, side by side
+
+run 'sparseconv COMMAND --help' for the options and more examples of each command.
 """
 
 
@@ -23,7 +32,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo.add_parser(sub)
+    voxelize.add_parser(sub)
+    info.add_parser(sub)
+    view.add_parser(sub)
+    _add_bench_parser(sub)
     return parser
+
+
+def _add_bench_parser(sub) -> None:
+    from .. import bench
+
+    p = sub.add_parser("bench", help="benchmark sparseconv against spconv and dense baselines (tools/benchmark.py)",
+                       description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="examples:\n  sparseconv bench\n  sparseconv bench -w voxelize --input scan.bin "
+                              "--json out.json\n  sparseconv bench --smoke")
+    bench.build_parser(p)
+    p.set_defaults(func=bench.run)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
+import sys
 import time
 
 import numpy as np
@@ -37,15 +37,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the simulated scan and the weights")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     p.set_defaults(func=run)
-
-
-def read_kitti_bin(path: str) -> np.ndarray:
-    """Reads a KITTI velodyne scan as float32 ``[N, 4]`` (x, y, z, intensity)."""
-    size = os.path.getsize(path)
-    if size % 16:
-        raise ValueError(f"{path}: {size} bytes is not a multiple of 16 (4 float32 per point); the file is truncated "
-                         "or not a KITTI velodyne scan")
-    return np.fromfile(path, dtype=np.float32).reshape(-1, 4)
 
 
 def simulated_scan(seed: int = 0, beams: int = 64, columns: int = 2048) -> np.ndarray:
@@ -133,7 +124,13 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.input:
-        points, source = read_kitti_bin(args.input), args.input
+        from ..io import PointCloudError, read_points
+
+        try:
+            points, source = read_points(args.input).to_array(), args.input
+        except (PointCloudError, OSError) as e:
+            print(f"sparseconv demo: {e}", file=sys.stderr)
+            return 1
     else:
         points, source = simulated_scan(args.seed), f"simulated HDL-64E-style scan (seed {args.seed})"
     point_range = KITTI_RANGE if args.front else FULL_RANGE
