@@ -29,5 +29,5 @@ TORCH_LIBRARY(sparseconv, m) {
   m.def("avgpool_backward(Tensor grad_out, Tensor nbmap, SymInt num_in, bool count_inactive) -> Tensor");
   m.def("voxelize(Tensor points, Tensor? batch, float[] voxel_size, float[] lower, int[] grid, int batch_size, "
         "int max_points, int max_voxels, str reduce, bool order_by_first) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

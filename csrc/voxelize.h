@@ -2,8 +2,7 @@
 //
 // voxelize(points [N, C] float, batch [N] int (or None: all 0), voxel_size[3], lower[3], grid[3],
 //          batch_size, max_points, max_voxels, reduce, order_by_first)
-//   -> (coords [V, 4] int32, feats [V, F], point_voxel [N] int64, point_rank [N] int32,
-//       counts [V] int32, drops [4] int64)
+//   -> (coords [V, 4] int32, feats [V, F], point_voxel [N] int64, counts [V] int32, drops [4] int64)
 //
 //   The voxel of a point is floor((p - lower) / voxel_size) per axis, computed in the points'
 //   floating-point type (as spconv's PointToVoxel); it must lie in [0, grid).  Points whose
@@ -16,9 +15,8 @@
 //   feats reduce the kept points of each voxel over all C columns: "mean", "max", "sum", "first"
 //   (the first kept point), "count" (F = 1: the number of kept points), or "pad"
 //   (F = max_points * C: the kept points in order, zero-padded; the spconv PointToVoxel layout).
-//   point_voxel[i] is the output row of point i or -1 if it was dropped; point_rank[i] is its
-//   position among the kept points of its voxel (-1 if dropped).  counts[v] is the number of kept
-//   points.  drops counts the dropped points by reason: non-finite, outside the grid, voxel
+//   point_voxel[i] is the output row of point i or -1 if it was dropped.  counts[v] is the number
+//   of kept points.  drops counts the dropped points by reason: non-finite, outside the grid, voxel
 //   beyond max_voxels, point beyond max_points.
 //   Errors (ValueError): points not [N, >= 3] float; batch not [N] integer or outside
 //   [0, batch_size); voxel_size <= 0; a grid too large for 64-bit keys.
@@ -33,7 +31,7 @@
 
 namespace sparseconv {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
     const at::Tensor& points, const c10::optional<at::Tensor>& batch, at::ArrayRef<double> voxel_size,
     at::ArrayRef<double> lower, c10::IntArrayRef grid, int64_t batch_size, int64_t max_points, int64_t max_voxels,
     c10::string_view reduce, bool order_by_first);

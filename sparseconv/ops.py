@@ -130,7 +130,6 @@ def _voxelize_fake(points, batch, voxel_size, lower, grid, batch_size, max_point
         points.new_empty((v, 4), dtype=torch.int32),
         points.new_empty((v, f)),
         points.new_empty((n,), dtype=torch.int64),
-        points.new_empty((n,), dtype=torch.int32),
         points.new_empty((v,), dtype=torch.int32),
         points.new_empty((4,), dtype=torch.int64),
     )
@@ -343,7 +342,7 @@ def voxelize(points, batch, voxel_size, lower, grid, batch_size: int, max_points
              reduce: str = "mean", order_by_first: bool = False):
     """Raw voxelization op (``csrc/voxelize.h``); see :func:`sparseconv.voxelize` for the user-facing API.
 
-    Returns ``(coords, feats, point_voxel, point_rank, counts, drops)``.
+    Returns ``(coords, feats, point_voxel, counts, drops)``.
     """
     return _ops.voxelize(points, batch, [float(v) for v in voxel_size], [float(v) for v in lower],
                          [int(g) for g in grid], int(batch_size), int(max_points), int(max_voxels), str(reduce),

@@ -149,7 +149,7 @@ def voxelize(
     grid, batch_size, mp, mv = _prepare(points, voxel_size, point_range, max_points_per_voxel, max_voxels, batch,
                                         batch_size)
     lower = [float(v) for v in point_range[:3]]
-    coords, feats, point_voxel, _rank, counts, drops = ops.voxelize(
+    coords, feats, point_voxel, counts, drops = ops.voxelize(
         points, batch, voxel_size, lower, grid, batch_size, mp, mv, reduce, False)
     geometry = VoxelGeometry(tuple(float(v) for v in voxel_size), tuple(lower))
     tensor = SparseTensor._from_set(feats, CoordinateSet(coords, grid, (1, 1, 1), batch_size, geometry=geometry))
@@ -212,7 +212,7 @@ def voxelize_padded(
     grid, batch_size, mp, mv = _prepare(points, voxel_size, point_range, max_points_per_voxel, max_voxels, batch,
                                         batch_size)
     lower = [float(v) for v in point_range[:3]]
-    coords, padded, point_voxel, _rank, counts, drops = ops.voxelize(
+    coords, padded, point_voxel, counts, drops = ops.voxelize(
         points, batch, voxel_size, lower, grid, batch_size, mp, mv, "pad", True)
     voxels = padded.view(coords.shape[0], mp, points.shape[1])
     return PaddedVoxels(voxels, coords, counts, point_voxel, grid, drops)

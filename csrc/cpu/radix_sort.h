@@ -1,10 +1,11 @@
 // Stable LSD radix sort of (key, value) pairs for the CPU kernels, parallel over the threads of
-// at::parallel_for (each thread histograms and scatters its own contiguous chunk, so the result
-// is stable and independent of the thread count).
+// at::parallel_for (each chunk is histogrammed and scattered by one thread, so the result is
+// stable and independent of the thread count).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -21,11 +22,19 @@ inline int bit_width(uint64_t v) {
   return b;
 }
 
-// Sorts `keys` ascending (stable) and permutes `values` alongside.  Only the low `bits` bits of
-// the keys are examined.  Passes in which every key has the same digit are skipped.
+// Grows `v` to at least n elements (never shrinks, never reinitialises kept capacity).
+template <typename T>
+T* scratch(std::vector<T>& v, int64_t n) {
+  if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+  return v.data();
+}
+
+// Sorts keys[0, n) ascending (stable), permuting values alongside, using key_tmp / value_tmp
+// (n elements each) as scratch.  Only the low `bits` bits are examined; passes in which every
+// key has the same digit are skipped.  The sorted data ends in keys / values.
 template <typename K, typename V>
-void radix_sort_pairs(std::vector<K>& keys, std::vector<V>& values, int bits) {
-  const int64_t n = static_cast<int64_t>(keys.size());
+void radix_sort_pairs(K* keys, V* values, K* key_tmp, V* value_tmp, int64_t n, int bits,
+                      std::vector<int64_t>& hist) {
   if (n < 2 || bits <= 0) return;
   const int passes = (bits + 10) / 11;  // digits of at most 11 bits: a histogram stays in L1
   const int digit = (bits + passes - 1) / passes;
@@ -33,45 +42,50 @@ void radix_sort_pairs(std::vector<K>& keys, std::vector<V>& values, int bits) {
   const int64_t mask = buckets - 1;
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16384));
   const int64_t chunk_len = (n + chunks - 1) / chunks;
-  std::vector<K> k2(n);
-  std::vector<V> v2(n);
-  std::vector<int64_t> hist(chunks * buckets);
+  int64_t* h_all = scratch(hist, chunks * buckets);
+  K* src_k = keys;
+  V* src_v = values;
+  K* dst_k = key_tmp;
+  V* dst_v = value_tmp;
   for (int shift = 0; shift < bits; shift += digit) {
-    std::fill(hist.begin(), hist.end(), 0);
+    std::fill(h_all, h_all + chunks * buckets, 0);
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t t = cb; t < ce; ++t) {
-        int64_t* h = hist.data() + t * buckets;
+        int64_t* h = h_all + t * buckets;
         const int64_t end = std::min(n, (t + 1) * chunk_len);
-        for (int64_t i = t * chunk_len; i < end; ++i) ++h[(keys[i] >> shift) & mask];
+        for (int64_t i = t * chunk_len; i < end; ++i) ++h[(src_k[i] >> shift) & mask];
       }
     });
-    // One digit value everywhere: nothing moves in this pass.
-    const int64_t d0 = (keys[0] >> shift) & mask;
+    const int64_t d0 = (src_k[0] >> shift) & mask;
     int64_t same = 0;
-    for (int64_t t = 0; t < chunks; ++t) same += hist[t * buckets + d0];
-    if (same == n) continue;
+    for (int64_t t = 0; t < chunks; ++t) same += h_all[t * buckets + d0];
+    if (same == n) continue;  // one digit value everywhere: nothing moves
     // Exclusive offsets, bucket-major then chunk: chunk t's keys of bucket b follow chunk t-1's.
     int64_t sum = 0;
     for (int64_t b = 0; b < buckets; ++b) {
       for (int64_t t = 0; t < chunks; ++t) {
-        const int64_t c = hist[t * buckets + b];
-        hist[t * buckets + b] = sum;
+        const int64_t c = h_all[t * buckets + b];
+        h_all[t * buckets + b] = sum;
         sum += c;
       }
     }
     at::parallel_for(0, chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t t = cb; t < ce; ++t) {
-        int64_t* h = hist.data() + t * buckets;
+        int64_t* h = h_all + t * buckets;
         const int64_t end = std::min(n, (t + 1) * chunk_len);
         for (int64_t i = t * chunk_len; i < end; ++i) {
-          const int64_t pos = h[(keys[i] >> shift) & mask]++;
-          k2[pos] = keys[i];
-          v2[pos] = values[i];
+          const int64_t pos = h[(src_k[i] >> shift) & mask]++;
+          dst_k[pos] = src_k[i];
+          dst_v[pos] = src_v[i];
         }
       }
     });
-    keys.swap(k2);
-    values.swap(v2);
+    std::swap(src_k, dst_k);
+    std::swap(src_v, dst_v);
+  }
+  if (src_k != keys) {
+    std::copy(src_k, src_k + n, keys);
+    std::copy(src_v, src_v + n, values);
   }
 }
 

@@ -34,9 +34,19 @@ Reduce parse_reduce(c10::string_view r) {
 constexpr uint64_t kNonFinite = std::numeric_limits<uint64_t>::max();
 constexpr uint64_t kOutside = kNonFinite - 1;
 
+// Scratch buffers of one calling thread (see voxelize_cpu).
+struct Workspace {
+  std::vector<uint64_t> key, skeys, skeys_tmp;
+  std::vector<uint32_t> k32, k32_tmp, first, first_tmp;
+  std::vector<int32_t> sidx, sidx_tmp;
+  std::vector<int64_t> chunk_valid, chunk_nonfinite, chunk_runs, run_start, order, runs, runs_tmp, over_points,
+      hist;
+  std::vector<char> kept;
+};
+
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
     const at::Tensor& points_in, const c10::optional<at::Tensor>& batch_in, at::ArrayRef<double> voxel_size,
     at::ArrayRef<double> lower, c10::IntArrayRef grid_xyz, int64_t batch_size, int64_t max_points, int64_t max_voxels,
     c10::string_view reduce_name, bool order_by_first) {
@@ -75,17 +85,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   }
   const int64_t* bp = batch.defined() ? batch.data_ptr<int64_t>() : nullptr;
 
+  // Temporaries live in a per-thread workspace that keeps its capacity between calls: a scan is
+  // voxelized many times per second, and fresh multi-megabyte buffers each time cost more in page
+  // faults than the work itself.
+  thread_local Workspace ws;
+
   // Per-point outputs: every entry is written exactly once below.
   at::Tensor point_voxel = at::empty({n}, points.options().dtype(at::kLong));
-  at::Tensor point_rank = at::empty({n}, points.options().dtype(at::kInt));
   int64_t* pv = point_voxel.data_ptr<int64_t>();
-  int32_t* pr = point_rank.data_ptr<int32_t>();
 
   // 1. Key of each point (or a drop code), and per-chunk counts of valid points.
   constexpr int64_t kChunk = 16384;
   const int64_t num_chunks = (n + kChunk - 1) / kChunk;
-  std::unique_ptr<uint64_t[]> key(new uint64_t[std::max<int64_t>(n, 1)]);
-  std::vector<int64_t> chunk_valid(num_chunks + 1, 0), chunk_nonfinite(num_chunks, 0);
+  uint64_t* key = cpu::scratch(ws.key, n);
+  int64_t* chunk_valid = cpu::scratch(ws.chunk_valid, num_chunks + 1);
+  int64_t* chunk_nonfinite = cpu::scratch(ws.chunk_nonfinite, num_chunks + 1);
+  chunk_valid[0] = 0;
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "sparseconv_voxelize_keys", [&] {
     const scalar_t* p = points.data_ptr<scalar_t>();
     const scalar_t lo[3] = {static_cast<scalar_t>(lower[0]), static_cast<scalar_t>(lower[1]),
@@ -94,6 +109,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                             static_cast<scalar_t>(voxel_size[2])};
     const scalar_t g[3] = {static_cast<scalar_t>(grid.X), static_cast<scalar_t>(grid.Y),
                            static_cast<scalar_t>(grid.Z)};
+    // The cell index floor(d / vs), exactly as the rounded division gives it, without dividing in
+    // almost every case: the product with the rounded reciprocal is within a few ulps of the
+    // rounded quotient, so its floor is the same unless the product lies within that distance of
+    // an integer; only then is the division done.  Floors are taken by integer truncation plus a
+    // correction (std::floor is a library call on baseline x86-64).  Returns false for a cell
+    // outside [0, grid) and for NaN/inf.
+    const scalar_t inv[3] = {scalar_t(1) / vs[0], scalar_t(1) / vs[1], scalar_t(1) / vs[2]};
+    constexpr scalar_t kUlps = 8 * std::numeric_limits<scalar_t>::epsilon();
+    auto floor_int = [](scalar_t v) -> int64_t {
+      int64_t i = static_cast<int64_t>(v);
+      return i - (v < static_cast<scalar_t>(i));
+    };
+    auto cell = [&](scalar_t d, int axis, int64_t* q) -> bool {
+      const scalar_t t = d * inv[axis];
+      if (!(t > scalar_t(-2) && t < g[axis] + scalar_t(2))) return false;  // far outside, or NaN/inf
+      int64_t i = floor_int(t);
+      const scalar_t frac = t - static_cast<scalar_t>(i);
+      const scalar_t margin = kUlps * (std::abs(t) + scalar_t(1));
+      if (frac < margin || frac > scalar_t(1) - margin) i = floor_int(d / vs[axis]);
+      *q = i;
+      return i >= 0 && i < static_cast<int64_t>(g[axis]);
+    };
     at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         int64_t valid = 0, nonfinite = 0;
@@ -101,22 +138,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         for (int64_t i = chunk * kChunk; i < end; ++i) {
           const scalar_t* r = p + i * c;
           // NaN fails every comparison and inf lands outside: one test covers both; the rare
-          // rejected point is then classified.
-          const scalar_t qx = std::floor((r[0] - lo[0]) / vs[0]);
-          const scalar_t qy = std::floor((r[1] - lo[1]) / vs[1]);
-          const scalar_t qz = std::floor((r[2] - lo[2]) / vs[2]);
-          const bool inside = qx >= scalar_t(0) && qx < g[0] && qy >= scalar_t(0) && qy < g[1] &&
-                              qz >= scalar_t(0) && qz < g[2];
+          // rejected point is then classified.  Comparing before converting also keeps a huge
+          // quotient from overflowing the integer conversion.
+          int64_t qx, qy, qz;
+          const bool inside = cell(r[0] - lo[0], 0, &qx) && cell(r[1] - lo[1], 1, &qy) && cell(r[2] - lo[2], 2, &qz);
           if (!inside) {
             const bool finite = std::isfinite(r[0]) && std::isfinite(r[1]) && std::isfinite(r[2]);
             key[i] = finite ? kOutside : kNonFinite;
             nonfinite += !finite;
             pv[i] = -1;
-            pr[i] = -1;
             continue;
           }
-          key[i] = static_cast<uint64_t>(grid.encode(bp ? bp[i] : 0, static_cast<int64_t>(qx),
-                                                     static_cast<int64_t>(qy), static_cast<int64_t>(qz)));
+          key[i] = static_cast<uint64_t>(grid.encode(bp ? bp[i] : 0, qx, qy, qz));
           ++valid;
         }
         chunk_valid[chunk + 1] = valid;
@@ -135,90 +168,100 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // 2. Valid points, stably sorted by key: each voxel's points become one run, in input order.
   //    Keys are sorted as 32-bit integers when the grid allows (half the memory traffic).
   const uint64_t max_key = static_cast<uint64_t>(grid.B * grid.X * grid.Y * grid.Z - 1);
-  std::vector<uint64_t> skeys(valid);
-  std::vector<int32_t> sidx(valid);
+  uint64_t* skeys = cpu::scratch(ws.skeys, valid);
+  int32_t* sidx = cpu::scratch(ws.sidx, valid);
+  int32_t* sidx_tmp = cpu::scratch(ws.sidx_tmp, valid);
   auto compact = [&](auto* out_keys) {
+    using K = std::remove_pointer_t<decltype(out_keys)>;
     at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
       for (int64_t chunk = cb; chunk < ce; ++chunk) {
         int64_t j = chunk_valid[chunk];
         const int64_t end = std::min(n, (chunk + 1) * kChunk);
         for (int64_t i = chunk * kChunk; i < end; ++i) {
           if (key[i] >= kOutside) continue;
-          out_keys[j] = static_cast<std::remove_pointer_t<decltype(out_keys)>>(key[i]);
+          out_keys[j] = static_cast<K>(key[i]);
           sidx[j++] = static_cast<int32_t>(i);
         }
       }
     });
   };
   if (max_key <= UINT32_MAX) {
-    std::vector<uint32_t> k32(valid);
-    compact(k32.data());
-    cpu::radix_sort_pairs(k32, sidx, cpu::bit_width(max_key));
+    uint32_t* k32 = cpu::scratch(ws.k32, valid);
+    uint32_t* k32_tmp = cpu::scratch(ws.k32_tmp, valid);
+    compact(k32);
+    cpu::radix_sort_pairs(k32, sidx, k32_tmp, sidx_tmp, valid, cpu::bit_width(max_key), ws.hist);
     at::parallel_for(0, valid, 1 << 15, [&](int64_t b, int64_t e) {
       for (int64_t j = b; j < e; ++j) skeys[j] = k32[j];
     });
   } else {
-    compact(skeys.data());
-    cpu::radix_sort_pairs(skeys, sidx, cpu::bit_width(max_key));
+    compact(skeys);
+    cpu::radix_sort_pairs(skeys, sidx, cpu::scratch(ws.skeys_tmp, valid), sidx_tmp, valid, cpu::bit_width(max_key),
+                          ws.hist);
   }
 
-  // 3. Runs = voxels (in key order); the first point of a run is its earliest point.
-  //    Run starts are found per chunk in parallel, then concatenated.
+  // 3. Runs = voxels (in key order); the first point of a run is its earliest point.  Run starts
+  //    are marked per chunk in parallel, counted, then written in order.
   const int64_t rchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), valid / 16384));
   const int64_t rlen = (valid + rchunks - 1) / rchunks;
-  std::vector<std::vector<int64_t>> starts(rchunks);
+  int64_t* chunk_runs = cpu::scratch(ws.chunk_runs, rchunks + 1);
+  chunk_runs[0] = 0;
   at::parallel_for(0, rchunks, 1, [&](int64_t cb, int64_t ce) {
     for (int64_t t = cb; t < ce; ++t) {
+      int64_t cnt = 0;
       const int64_t end = std::min(valid, (t + 1) * rlen);
-      starts[t].reserve((end - t * rlen) / 2 + 1);
+      for (int64_t j = t * rlen; j < end; ++j) cnt += (j == 0 || skeys[j] != skeys[j - 1]);
+      chunk_runs[t + 1] = cnt;
+    }
+  });
+  for (int64_t t = 0; t < rchunks; ++t) chunk_runs[t + 1] += chunk_runs[t];
+  const int64_t v_all = chunk_runs[rchunks];
+  int64_t* run_start = cpu::scratch(ws.run_start, v_all + 1);
+  at::parallel_for(0, rchunks, 1, [&](int64_t cb, int64_t ce) {
+    for (int64_t t = cb; t < ce; ++t) {
+      int64_t r = chunk_runs[t];
+      const int64_t end = std::min(valid, (t + 1) * rlen);
       for (int64_t j = t * rlen; j < end; ++j) {
-        if (j == 0 || skeys[j] != skeys[j - 1]) starts[t].push_back(j);
+        if (j == 0 || skeys[j] != skeys[j - 1]) run_start[r++] = j;
       }
     }
   });
-  std::vector<int64_t> run_start;
-  {
-    size_t total = 1;
-    for (const auto& s : starts) total += s.size();
-    run_start.reserve(total);
-    for (const auto& s : starts) run_start.insert(run_start.end(), s.begin(), s.end());
-  }
-  const int64_t v_all = static_cast<int64_t>(run_start.size());
-  run_start.push_back(valid);
+  run_start[v_all] = valid;
 
   // 4. Voxels kept (the first max_voxels by first appearance) and the output order.
-  std::vector<int64_t> order;  // output row -> run
-  order.reserve(v_all);
   const bool truncate = max_voxels >= 0 && v_all > max_voxels;
+  const int64_t nv = truncate ? max_voxels : v_all;
+  int64_t* order = cpu::scratch(ws.order, nv);  // output row -> run
   if (order_by_first || truncate) {
-    std::vector<uint64_t> first(v_all);
-    std::vector<int64_t> runs(v_all);
-    for (int64_t r = 0; r < v_all; ++r) {
-      first[r] = static_cast<uint64_t>(sidx[run_start[r]]);
-      runs[r] = r;
-    }
-    cpu::radix_sort_pairs(first, runs, cpu::bit_width(static_cast<uint64_t>(std::max<int64_t>(n, 1))));
-    const int64_t keep = truncate ? max_voxels : v_all;
+    uint32_t* first = cpu::scratch(ws.first, v_all);
+    int64_t* runs = cpu::scratch(ws.runs, v_all);
+    at::parallel_for(0, v_all, 1 << 14, [&](int64_t b, int64_t e) {
+      for (int64_t r = b; r < e; ++r) {
+        first[r] = static_cast<uint32_t>(sidx[run_start[r]]);
+        runs[r] = r;
+      }
+    });
+    cpu::radix_sort_pairs(first, runs, cpu::scratch(ws.first_tmp, v_all), cpu::scratch(ws.runs_tmp, v_all), v_all,
+                          cpu::bit_width(static_cast<uint64_t>(std::max<int64_t>(n, 1))), ws.hist);
     if (order_by_first) {
-      order.assign(runs.begin(), runs.begin() + keep);
+      std::copy(runs, runs + nv, order);
     } else {
-      std::vector<char> kept(v_all, 0);
-      for (int64_t j = 0; j < keep; ++j) kept[runs[j]] = 1;
+      char* kept = cpu::scratch(ws.kept, v_all);
+      std::fill(kept, kept + v_all, 0);
+      for (int64_t j = 0; j < nv; ++j) kept[runs[j]] = 1;
+      int64_t o = 0;
       for (int64_t r = 0; r < v_all; ++r) {
-        if (kept[r]) order.push_back(r);
+        if (kept[r]) order[o++] = r;
       }
     }
     // The points of the voxels beyond max_voxels are dropped.
-    for (int64_t j = keep; j < v_all; ++j) {
+    for (int64_t j = nv; j < v_all; ++j) {
       for (int64_t q = run_start[runs[j]]; q < run_start[runs[j] + 1]; ++q) {
         pv[sidx[q]] = -1;
-        pr[sidx[q]] = -1;
       }
     }
   } else {
-    for (int64_t r = 0; r < v_all; ++r) order.push_back(r);
+    for (int64_t r = 0; r < nv; ++r) order[r] = r;
   }
-  const int64_t nv = static_cast<int64_t>(order.size());
 
   // 5. Per voxel: coordinates, kept points, reduction.  Each voxel writes only its own rows.
   const int64_t f = reduce == kCount ? 1 : (reduce == kPad ? max_points * c : c);
@@ -227,7 +270,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor counts = at::empty({nv}, points.options().dtype(at::kInt));
   int32_t* cp = coords.data_ptr<int32_t>();
   int32_t* cnt = counts.data_ptr<int32_t>();
-  std::vector<int64_t> over_points(nv, 0);
+  int64_t* over_points = cpu::scratch(ws.over_points, nv);
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "sparseconv_voxelize_reduce", [&] {
     const scalar_t* p = points.data_ptr<scalar_t>();
     scalar_t* fp = feats.data_ptr<scalar_t>();
@@ -243,11 +286,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
           const int64_t i = sidx[s + j];
           if (j >= take) {
             pv[i] = -1;
-            pr[i] = -1;
             continue;
           }
           pv[i] = v;
-          pr[i] = static_cast<int32_t>(j);
           const scalar_t* row = p + i * c;
           switch (reduce) {
             case kCount:
@@ -279,10 +320,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   int64_t dropped_voxels = 0, dropped_points = 0;
   for (int64_t v = 0; v < nv; ++v) dropped_points += over_points[v];
-  dropped_voxels = static_cast<int64_t>(skeys.size()) - dropped_points;
+  dropped_voxels = valid - dropped_points;
   for (int64_t v = 0; v < nv; ++v) dropped_voxels -= cnt[v];
   at::Tensor drops = at::tensor({nonfinite, outside, dropped_voxels, dropped_points}, points.options().dtype(at::kLong));
-  return {coords, feats, point_voxel, point_rank, counts, drops};
+  return {coords, feats, point_voxel, counts, drops};
 }
 
 TORCH_LIBRARY_IMPL(sparseconv, CPU, m) {
