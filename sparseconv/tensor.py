@@ -144,6 +144,12 @@ class SparseTensor:
         object.__setattr__(out, "_cset", cset)
         return out
 
+    def __reduce__(self):
+        # Pickling (DataLoader workers, torch.save) keeps the data and the voxel geometry; kernel
+        # maps are rebuilt on the other side.
+        cset = self._cset
+        return _rebuild, (self._feats, cset.coords, cset.spatial_shape, cset.stride, cset.batch_size, cset.geometry)
+
     def __setattr__(self, name, value):
         raise AttributeError("SparseTensor is immutable; use replace_feature(...) to get a tensor with new features")
 
@@ -285,6 +291,10 @@ class SparseTensor:
             f"spatial_shape={self.spatial_shape}, stride={self.stride}, batch_size={self.batch_size}, "
             f"dtype={self.dtype}, device={self.device})"
         )
+
+
+def _rebuild(feats, coords, spatial_shape, stride, batch_size, geometry) -> SparseTensor:
+    return SparseTensor._from_set(feats, CoordinateSet(coords, spatial_shape, stride, batch_size, geometry=geometry))
 
 
 def _check_same_sites(a: SparseTensor, b: SparseTensor, what: str) -> None:

@@ -283,3 +283,17 @@ def test_repr():
                  f"spatial_shape={x.spatial_shape}", f"stride={x.stride}", f"batch_size={x.batch_size}",
                  f"dtype={x.features.dtype}", f"device={x.features.device}"):
         assert part in r, (part, r)
+
+
+def test_pickle_round_trip_keeps_data_and_geometry():
+    import pickle
+
+    import sparseconv as sc
+
+    x, _ = sc.voxelize(torch.rand(200, 4) * 5, (0.5, 0.5, 0.5), (0, 0, 0, 5, 5, 5))
+    y = pickle.loads(pickle.dumps(x))
+    assert torch.equal(y.coords, x.coords) and torch.equal(y.features, x.features)
+    assert (y.spatial_shape, y.stride, y.batch_size, y.geometry) == (x.spatial_shape, x.stride, x.batch_size,
+                                                                      x.geometry)
+    conv = sc.nn.SubMConv3d(4, 3)
+    torch.testing.assert_close(conv(y).features, conv(x).features)

@@ -1,7 +1,7 @@
 """``sparseconv view``: a bird's-eye-view image of a scan or a voxel file, with KITTI boxes.
 
-Also holds small readers for KITTI object files (``calib/*.txt``, ``label_2/*.txt``) and the
-camera-to-LiDAR box conversion.
+The KITTI readers (``calib/*.txt``, ``label_2/*.txt``) and the camera-to-LiDAR box conversion live in
+:mod:`sparseconv.datasets.kitti`; they are imported here under their old names.
 """
 from __future__ import annotations
 
@@ -9,9 +9,16 @@ import argparse
 import os
 import sys
 import textwrap
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import numpy as np
+
+from sparseconv.datasets.kitti import (  # noqa: F401  (re-exported under their former home)
+    camera_boxes_to_lidar,
+    camera_to_lidar_transform,
+    read_kitti_calib,
+    read_kitti_labels,
+)
 
 EPILOG = """examples:
   sparseconv view ../shared/data/kitti/velodyne/000000.bin -o bev.png \\
@@ -30,8 +37,6 @@ CLASS_COLORS = {
     "Car": "#ff3030", "Van": "#ff9a40", "Truck": "#ffd040", "Pedestrian": "#ffffff", "Person_sitting": "#d0d0d0",
     "Cyclist": "#ff40ff", "Tram": "#a0ff40", "Misc": "#c080ff",
 }  # fmt: skip
-# KITTI label_2 columns: type, truncated, occluded, alpha, bbox (4), dimensions h w l, location x y z, rotation_y.
-_LABEL_COLUMNS = 15
 
 
 def add_parser(sub) -> None:
@@ -63,118 +68,7 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-# ----------------------------------------------------------------------------- KITTI files
-def read_kitti_calib(path: str) -> Dict[str, np.ndarray]:
-    """Reads a KITTI object calib file into ``{name: matrix}``.
-
-    ``P0``..``P3`` and ``Tr_velo_to_cam`` / ``Tr_imu_to_velo`` become ``[3, 4]``, ``R0_rect``
-    ``[3, 3]``; other entries stay flat. The tracking dataset's names ``R_rect`` and
-    ``Tr_velo_cam`` are also accepted (stored under the object names).
-
-    Raises:
-        PointCloudError: a line is not ``name: numbers``, or a matrix has the wrong size.
-    """
-    from ..io import PointCloudError
-
-    aliases = {"R_rect": "R0_rect", "Tr_velo_cam": "Tr_velo_to_cam", "Tr_imu_velo": "Tr_imu_to_velo"}
-    shapes = {"R0_rect": (3, 3), "Tr_velo_to_cam": (3, 4), "Tr_imu_to_velo": (3, 4)}
-    calib = {}
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
-                continue
-            name, sep, rest = line.partition(":")
-            if not sep:
-                name, _, rest = line.partition(" ")  # "R_rect 1 0 0 ..." (tracking files)
-            name = aliases.get(name.strip(), name.strip())
-            try:
-                values = np.array([float(v) for v in rest.split()], np.float64)
-            except ValueError:
-                raise PointCloudError(f"{path}:{number}: not a KITTI calib line ('name: numbers'): {line[:80]!r}") \
-                    from None
-            shape = shapes.get(name, (3, 4) if name.startswith("P") and len(name) == 2 else None)
-            if shape is not None:
-                if values.size != shape[0] * shape[1]:
-                    raise PointCloudError(f"{path}:{number}: {name} has {values.size} numbers, expected "
-                                          f"{shape[0] * shape[1]} ({shape[0]} x {shape[1]})")
-                values = values.reshape(shape)
-            calib[name] = values
-    for need in ("R0_rect", "Tr_velo_to_cam"):
-        if need not in calib:
-            raise PointCloudError(f"{path}: not a KITTI calib file: no {need} (entries: {sorted(calib)})")
-    return calib
-
-
-def read_kitti_labels(path: str, skip_dontcare: bool = True) -> Dict[str, np.ndarray]:
-    """Reads a KITTI ``label_2`` file (one object per line, camera frame).
-
-    Returns ``{"type": [M] str, "truncated": [M], "occluded": [M] int, "alpha": [M], "bbox": [M, 4],
-    "dimensions": [M, 3] (h, w, l), "location": [M, 3] (x, y, z: bottom centre, rectified camera
-    frame), "rotation_y": [M], "score": [M] (1 when the file has no score column)}``.
-    ``DontCare`` lines are skipped unless ``skip_dontcare=False``.
-
-    Raises:
-        PointCloudError: a line does not have 15 (or 16, with a score) columns of the right kind.
-    """
-    from ..io import PointCloudError
-
-    rows = []
-    with open(path, "r", encoding="utf-8", errors="replace") as f:
-        for number, line in enumerate(f, 1):
-            words = line.split()
-            if not words:
-                continue
-            if len(words) not in (_LABEL_COLUMNS, _LABEL_COLUMNS + 1):
-                raise PointCloudError(f"{path}:{number}: a KITTI label line has 15 values (16 with a score), "
-                                      f"got {len(words)}")
-            try:
-                values = [float(v) for v in words[1:]]
-            except ValueError:
-                raise PointCloudError(f"{path}:{number}: a KITTI label line is a type then 14 numbers: "
-                                      f"{line.strip()[:80]!r}") from None
-            if skip_dontcare and words[0] == "DontCare":
-                continue
-            rows.append((words[0], values + [1.0] * (_LABEL_COLUMNS - len(words) + 1)))
-    v = np.array([r[1] for r in rows], np.float64).reshape(len(rows), _LABEL_COLUMNS)
-    return {
-        "type": np.array([r[0] for r in rows], dtype=str),
-        "truncated": v[:, 0],
-        "occluded": v[:, 1].astype(np.int64),
-        "alpha": v[:, 2],
-        "bbox": v[:, 3:7],
-        "dimensions": v[:, 7:10],
-        "location": v[:, 10:13],
-        "rotation_y": v[:, 13],
-        "score": v[:, 14],
-    }
-
-
-def camera_to_lidar_transform(calib: Dict[str, np.ndarray]) -> np.ndarray:
-    """``[4, 4]`` matrix taking rectified-camera points to the LiDAR frame: ``inv(R0_rect @ Tr_velo_to_cam)``."""
-    r0 = np.eye(4)
-    r0[:3, :3] = calib["R0_rect"]
-    v2c = np.eye(4)
-    v2c[:3, :] = calib["Tr_velo_to_cam"]
-    return np.linalg.inv(r0 @ v2c)
-
-
-def camera_boxes_to_lidar(labels: Dict[str, np.ndarray], calib: Dict[str, np.ndarray]) -> np.ndarray:
-    """KITTI camera-frame boxes as LiDAR boxes ``[M, 7]``: ``x, y, z`` (box centre), ``l, w, h``, ``yaw``.
-
-    The bottom centre moves to the LiDAR frame with :func:`camera_to_lidar_transform` and is
-    raised by ``h / 2``; ``yaw = -rotation_y - pi / 2`` (yaw 0 faces +x), wrapped to ``[-pi, pi)``
-    (OpenPCDet's ``boxes3d_kitti_camera_to_lidar``).
-    """
-    loc = np.asarray(labels["location"], np.float64).reshape(-1, 3)
-    h, w, l = np.asarray(labels["dimensions"], np.float64).reshape(-1, 3).T
-    xyz = (np.c_[loc, np.ones(len(loc))] @ camera_to_lidar_transform(calib).T)[:, :3]
-    xyz[:, 2] += h / 2
-    yaw = -np.asarray(labels["rotation_y"], np.float64) - np.pi / 2
-    yaw = (yaw + np.pi) % (2 * np.pi) - np.pi
-    return np.column_stack([xyz, l, w, h, yaw])
-
-
+# ----------------------------------------------------------------------------- KITTI boxes
 def box_corners_bev(boxes: np.ndarray) -> np.ndarray:
     """The 4 ground corners ``[M, 4, 2]`` (x, y) of LiDAR boxes ``[M, 7]``, front-left first, counter-clockwise."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 7)
