@@ -69,6 +69,13 @@ def _finish(out: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     return out if bias is None else out + bias
 
 
+def _geometry(kernel_size, stride, padding, dilation):
+    """``(kernel_size, stride, padding, dilation)`` as validated triples; ``stride=None`` means ``kernel_size``."""
+    ks = _as_triple(kernel_size, "kernel_size")
+    st = ks if stride is None else _as_triple(stride, "stride")
+    return ks, st, _as_triple(padding, "padding", 0), _as_triple(dilation, "dilation")
+
+
 def submanifold_conv3d(
     x: SparseTensor,
     weight: torch.Tensor,
@@ -119,10 +126,7 @@ def sparse_conv3d(
     formula ``(X + 2p - d (k - 1) - 1) // s + 1``.  Output rows are sorted by
     ``(batch, x, y, z)``.
     """
-    ks = _as_triple(kernel_size, "kernel_size")
-    st = _as_triple(stride, "stride")
-    pad = _as_triple(padding, "padding", 0)
-    dil = _as_triple(dilation, "dilation")
+    ks, st, pad, dil = _geometry(kernel_size, stride, padding, dilation)
     _check_conv(x, weight, bias, ks, layer)
     rec = x.coordinate_set.strided(ks, st, pad, dil, False, indice_key=indice_key)
     out = ops.conv_forward(x.features, weight, rec.nbmap, rec.target.num_voxels, False)
@@ -170,21 +174,12 @@ def sparse_conv_transpose3d(
 ) -> SparseTensor:
     """Generative transposed convolution: every site of the dense ``conv_transpose3d``
     output grid that receives an active input becomes active, with the dense value."""
-    ks = _as_triple(kernel_size, "kernel_size")
-    st = _as_triple(stride, "stride")
-    pad = _as_triple(padding, "padding", 0)
-    dil = _as_triple(dilation, "dilation")
+    ks, st, pad, dil = _geometry(kernel_size, stride, padding, dilation)
     opad = _as_triple(output_padding, "output_padding", 0)
     _check_conv(x, weight, bias, ks, layer)
     rec = x.coordinate_set.strided(ks, st, pad, dil, True, output_padding=opad)
     out = ops.conv_forward(x.features, weight, rec.nbmap, rec.target.num_voxels, False)
     return SparseTensor._from_set(_finish(out, bias), rec.target)
-
-
-def _pool_geometry(kernel_size, stride, padding, dilation):
-    ks = _as_triple(kernel_size, "kernel_size")
-    st = ks if stride is None else _as_triple(stride, "stride")
-    return ks, st, _as_triple(padding, "padding", 0), _as_triple(dilation, "dilation")
 
 
 def sparse_max_pool3d(
@@ -201,7 +196,7 @@ def sparse_max_pool3d(
     defaults to ``kernel_size``.
     """
     _check_input(x, "SparseMaxPool3d")
-    rec = x.coordinate_set.strided(*_pool_geometry(kernel_size, stride, padding, dilation), False, indice_key=indice_key)
+    rec = x.coordinate_set.strided(*_geometry(kernel_size, stride, padding, dilation), False, indice_key=indice_key)
     out, _ = ops.maxpool_forward(x.features, rec.nbmap)
     return SparseTensor._from_set(out, rec.target)
 
@@ -218,7 +213,7 @@ def sparse_avg_pool3d(
     """Mean of each window: over its active inputs (default, spconv / MinkowskiEngine), or over all
     ``K`` sites with inactive ones counted as zero (``count_inactive=True``, dense ``avg_pool3d``)."""
     _check_input(x, "SparseAvgPool3d")
-    rec = x.coordinate_set.strided(*_pool_geometry(kernel_size, stride, padding, dilation), False, indice_key=indice_key)
+    rec = x.coordinate_set.strided(*_geometry(kernel_size, stride, padding, dilation), False, indice_key=indice_key)
     out = ops.avgpool_forward(x.features, rec.nbmap, count_inactive)
     return SparseTensor._from_set(out, rec.target)
 
