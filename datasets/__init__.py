@@ -10,6 +10,8 @@ from .collate import collate
 from .kitti import (KittiDetection, camera_boxes_to_lidar, fov_mask, kitti_difficulty, lidar_boxes_to_camera,
                     read_kitti_calib, read_kitti_labels)
 from .semantic_kitti import CLASS_NAMES, LEARNING_MAP, LEARNING_MAP_INV, SemanticKitti, learning_map_lut
+from .synthetic import (SENSORS, Scan, Sensor, generate_dataset, generate_scene, kitti_calib, simulate_scan,
+                        write_kitti_scene, write_semantickitti_scene)
 
 __all__ = [
     "KittiDetection", "read_kitti_calib", "read_kitti_labels", "camera_boxes_to_lidar", "lidar_boxes_to_camera",
@@ -19,4 +21,6 @@ __all__ = [
     "GTDatabase", "GTSampler", "rotate_scene", "scale_scene", "flip_scene", "translate_scene", "crop_to_range",
     "box_corners_bev", "boxes_bev_overlap", "points_in_boxes", "limit_period",
     "collate",
+    "Sensor", "SENSORS", "Scan", "simulate_scan", "generate_scene", "generate_dataset", "write_kitti_scene",
+    "write_semantickitti_scene", "kitti_calib",
 ]

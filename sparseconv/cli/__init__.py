@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import demo, info, view, voxelize
+from . import demo, info, synth, view, voxelize
 
 EPILOG = """examples:
   sparseconv demo                                   # SECOND backbone on a built-in simulated scan
@@ -16,6 +16,7 @@ EPILOG = """examples:
   sparseconv info ../shared/data/kitti/velodyne/000000.bin voxels/000000.npz --json
   sparseconv view ../shared/data/kitti/velodyne/000000.bin -o bev.png \\
       --labels ../shared/data/kitti/label_2/000000.txt --calib ../shared/data/kitti/calib/000000.txt
+  sparseconv synth --out data/synth --scenes 100 --seed 0 --layout both --workers 2   # simulated, labelled
 
   sparseconv bench --workload voxelize --repeats 30  # timings against spconv, side by side
 
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     voxelize.add_parser(sub)
     info.add_parser(sub)
     view.add_parser(sub)
+    synth.add_parser(sub)
     _add_bench_parser(sub)
     return parser
 
