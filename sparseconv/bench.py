@@ -107,7 +107,138 @@ def bench_voxelize(scans, repeats: int, warmup: int) -> List[Measurement]:
     return out
 
 
-WORKLOADS: Dict[str, Callable] = {"voxelize": bench_voxelize}
+def _spconv_backbone(input_channels: int, algo):
+    """OpenPCDet's VoxelBackBone8x in spconv layers, with the module names of ``models.VoxelBackBone8x``."""
+    import spconv.pytorch as spconv
+
+    def block(cin, cout, k, s=1, p=0, conv="subm", key=None):
+        if conv == "subm":
+            layer = spconv.SubMConv3d(cin, cout, k, bias=False, indice_key=key, algo=algo)
+        else:
+            layer = spconv.SparseConv3d(cin, cout, k, s, p, bias=False, indice_key=key, algo=algo)
+        return spconv.SparseSequential(layer, torch.nn.BatchNorm1d(cout, eps=1e-3, momentum=0.01), torch.nn.ReLU())
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_input = block(input_channels, 16, 3, key="subm1")
+            self.conv1 = spconv.SparseSequential(block(16, 16, 3, key="subm1"))
+            self.conv2 = spconv.SparseSequential(block(16, 32, 3, 2, 1, "spconv", "spconv2"),
+                                                 block(32, 32, 3, key="subm2"), block(32, 32, 3, key="subm2"))
+            self.conv3 = spconv.SparseSequential(block(32, 64, 3, 2, 1, "spconv", "spconv3"),
+                                                 block(64, 64, 3, key="subm3"), block(64, 64, 3, key="subm3"))
+            self.conv4 = spconv.SparseSequential(block(64, 64, 3, 2, (0, 1, 1), "spconv", "spconv4"),
+                                                 block(64, 64, 3, key="subm4"), block(64, 64, 3, key="subm4"))
+            self.conv_out = block(64, 128, (3, 1, 1), (2, 1, 1), 0, "spconv", "spconv_down2")
+
+        def forward(self, x):
+            return self.conv_out(self.conv4(self.conv3(self.conv2(self.conv1(self.conv_input(x))))))
+
+    return Net()
+
+
+def _useful_flops(net, x) -> Tuple[float, List[Tuple[int, int, int]]]:
+    """Multiply-add FLOPs of the backbone's convolutions on ``x`` (pairs x C_in x C_out x 2) and the
+    per-layer GEMM shapes ``(pairs, C_in, C_out)``; maps come from the tensors' caches."""
+    from .nn.conv import SparseConv3d, SubMConv3d
+
+    shapes = []
+
+    def hook(module, inputs, output):
+        x_in = inputs[0]
+        cset = x_in.coordinate_set
+        if isinstance(module, SubMConv3d):
+            nbmap = cset.submanifold_map(module.kernel_size, module.dilation)
+        else:
+            nbmap = cset.strided(module.kernel_size, module.stride, module.padding, module.dilation).nbmap
+        shapes.append((int((nbmap >= 0).sum()), module.in_channels, module.out_channels))
+
+    handles = [m.register_forward_hook(hook) for m in net.modules() if isinstance(m, (SubMConv3d, SparseConv3d))]
+    try:
+        with torch.no_grad():
+            net(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return float(sum(2 * p * ci * co for p, ci, co in shapes)), shapes
+
+
+def bench_backbone(scans, repeats: int, warmup: int) -> List[Measurement]:
+    """OpenPCDet's VoxelBackBone8x (SECOND) on the front half of each scan, 0.05 x 0.05 x 0.1 m voxels:
+    forward with the kernel maps built inside ("fresh input"), forward with cached maps, and forward +
+    backward; sparseconv vs spconv (default algorithm and ConvAlgo.Native, same weights) and the GEMM
+    floor (torch.mm on each layer's gathered shapes)."""
+    from . import SparseTensor, voxelize
+    from .interop import convert_to_spconv_weight, to_spconv
+    from .nn.conv import _SparseConvBase
+
+    from sparseconv.models import VoxelBackBone8x
+
+    try:
+        import spconv.pytorch as spconv
+    except ImportError:
+        spconv = None
+    out = []
+    for scan_name, pts_np in scans:
+        pts = torch.from_numpy(np.ascontiguousarray(pts_np))
+        vox, _ = voxelize(pts, (0.05, 0.05, 0.1), KITTI_RANGE)
+        torch.manual_seed(0)
+        net = VoxelBackBone8x(4, vox.spatial_shape).eval()
+        feats, coords = vox.features.contiguous(), vox.coords.contiguous()
+
+        def fresh():
+            return SparseTensor(feats, coords, net.sparse_shape)
+
+        x_cached = fresh()
+        flops, shapes = _useful_flops(net, x_cached)
+        fns: Dict[str, Callable[[], object]] = {}
+        with torch.no_grad():
+            fns["sparseconv forward (fresh)"] = lambda: net(fresh())
+            fns["sparseconv forward (cached maps)"] = lambda: net(x_cached)
+        mats = [(torch.randn(p, ci), torch.randn(ci, co)) for p, ci, co in shapes]
+        fns["torch.mm on the same shapes"] = lambda: [torch.mm(a, b) for a, b in mats]
+        if spconv is not None:
+            sd = net.state_dict()
+            convs = {n for n, m in net.named_modules() if isinstance(m, _SparseConvBase)}
+            for name, m in net.named_modules():
+                if name in convs:
+                    sd[f"{name}.weight"] = convert_to_spconv_weight(m.weight.detach(), m.kernel_size)
+            for label, algo in (("default algorithm", None), ("ConvAlgo.Native", spconv.ConvAlgo.Native)):
+                ref = _spconv_backbone(4, algo).eval()  # algo=None: spconv's own default, as users run it
+                ref.load_state_dict(sd)
+                fns[f"spconv {label} forward (fresh)"] = (
+                    lambda ref=ref: ref(to_spconv(SparseTensor._from_set(feats, fresh().coordinate_set))))
+        with torch.no_grad():
+            times = time_alternating(fns, repeats, warmup)
+        for impl, ts in times.items():
+            med = statistics.median(ts)
+            out.append(Measurement("backbone", f"{scan_name}: VoxelBackBone8x forward, {vox.num_voxels} voxels, "
+                                   f"{flops / 1e9:.2f} GFLOP", impl, med, ts,
+                                   {"gflops_per_s": flops / 1e9 / (med / 1000.0)}))
+        # Training step: forward + backward.
+        train = VoxelBackBone8x(4, vox.spatial_shape).train()
+        train.load_state_dict(net.state_dict())
+        tfns = {"sparseconv forward+backward": lambda: train(fresh())["encoded"].features.sum().backward()}
+        if spconv is not None:
+            ref = _spconv_backbone(4, spconv.ConvAlgo.Native).train()
+            ref.load_state_dict(sd)
+
+            def spconv_step():
+                ref(to_spconv(fresh())).features.sum().backward()
+
+            try:
+                spconv_step()
+                tfns["spconv ConvAlgo.Native forward+backward"] = spconv_step
+            except Exception as e:  # spconv 2.3.8's CPU backward asks torch.cuda for a stream
+                print(f"note: spconv forward+backward is unavailable here: {type(e).__name__}: {e}")
+        times = time_alternating(tfns, repeats, 1)
+        for impl, ts in times.items():
+            out.append(Measurement("backbone-train", f"{scan_name}: VoxelBackBone8x forward+backward", impl,
+                                   statistics.median(ts), ts))
+    return out
+
+
+WORKLOADS: Dict[str, Callable] = {"voxelize": bench_voxelize, "backbone": bench_backbone}
 
 
 def machine_info() -> Dict[str, object]:

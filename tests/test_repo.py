@@ -70,5 +70,6 @@ def test_benchmark_harness_smoke(tmp_path):
     assert p.returncode == 0, p.stderr
     data = json.loads(out.read_text())
     impls = {r["impl"] for r in data["results"]}
-    assert {"sparseconv voxelize_padded", "sparseconv voxelize (mean)"} <= impls
+    assert {"sparseconv voxelize_padded", "sparseconv voxelize (mean)", "sparseconv forward (fresh)",
+            "sparseconv forward+backward"} <= impls
     assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in data["results"])
