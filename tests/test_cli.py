@@ -21,7 +21,7 @@ import torch
 
 import sparseconv
 from sparseconv.cli import main as cli_main
-from sparseconv.cli.demo import simulated_scan
+from sparseconv.datasets.synthetic import simulate_scan
 from sparseconv.cli.view import box_corners_bev, camera_boxes_to_lidar, read_kitti_calib, read_kitti_labels
 from sparseconv.io import load_voxels, read_points
 
@@ -63,8 +63,8 @@ def assert_same_voxels(a, b):
 def scans(tmp_path_factory):
     """good.bin, nan.bin (NaN / inf coordinates) and trunc.bin (not a multiple of 16 bytes)."""
     folder = tmp_path_factory.mktemp("scans")
-    good = simulated_scan(seed=1, beams=32, columns=768)
-    noisy = simulated_scan(seed=2, beams=32, columns=768)
+    good = simulate_scan(1, sensor="vlp32c").points.copy()
+    noisy = simulate_scan(2, sensor="vlp32c").points.copy()
     rng = np.random.default_rng(0)
     bad_rows = rng.choice(len(noisy), 40, replace=False)
     noisy[bad_rows[:25], rng.integers(0, 3, 25)] = np.nan

@@ -39,58 +39,11 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
-def simulated_scan(seed: int = 0, beams: int = 64, columns: int = 2048) -> np.ndarray:
-    """A LiDAR-like scan: an HDL-64E-style beam pattern ray-cast onto a ground plane and a few boxes.
+def simulated_scan(seed: int = 0) -> np.ndarray:
+    """A simulated HDL-64E scan (:func:`sparseconv.datasets.synthetic.simulate_scan`): float32 ``[N, 4]``."""
+    from sparseconv.datasets.synthetic import simulate_scan
 
-    Returns float32 ``[N, 4]`` (x, y, z, intensity).  Deterministic for a seed.
-    """
-    rng = np.random.default_rng(seed)
-    elev = np.deg2rad(np.linspace(2.0, -24.9, beams))
-    azim = np.linspace(-np.pi, np.pi, columns, endpoint=False)
-    el, az = np.meshgrid(elev, azim, indexing="ij")
-    d = np.stack([np.cos(el) * np.cos(az), np.cos(el) * np.sin(az), np.sin(el)], -1).reshape(-1, 3)
-    origin = np.array([0.0, 0.0, 1.73])
-    t = np.full(len(d), np.inf)
-    down = d[:, 2] < -1e-6
-    t[down] = -origin[2] / d[down, 2]  # ground z = 0
-    # Axis-aligned boxes (cars and walls) by the slab method.
-    boxes = []
-    for _ in range(14):
-        cx, cy = rng.uniform(-50, 50), rng.uniform(-35, 35)
-        if np.hypot(cx, cy) < 5:
-            continue
-        sx, sy, sz = (rng.uniform(3.5, 4.5), rng.uniform(1.5, 1.9), rng.uniform(1.4, 1.7))
-        boxes.append((cx - sx / 2, cy - sy / 2, 0.0, cx + sx / 2, cy + sy / 2, sz))
-    boxes += [(-60, 20, 0, 60, 21, 6), (-60, -22, 0, 60, -21, 5)]
-    inv = 1.0 / np.where(np.abs(d) < 1e-9, 1e-9, d)
-    for b in boxes:
-        lo, hi = np.array(b[:3]), np.array(b[3:])
-        t1, t2 = (lo - origin) * inv, (hi - origin) * inv
-        tmin, tmax = np.minimum(t1, t2).max(1), np.maximum(t1, t2).min(1)
-        hit = (tmax >= np.maximum(tmin, 0)) & (tmin > 0) & (tmin < t)
-        t[hit] = tmin[hit]
-    keep = np.isfinite(t) & (t < 120.0)
-    r = t[keep] * (1 + rng.normal(0, 0.002, keep.sum()))
-    pts = origin + d[keep] * r[:, None]
-    pts[:, 2] -= 1.73  # sensor frame, as KITTI
-    intensity = np.clip(rng.normal(0.3, 0.1, len(pts)), 0, 1)
-    return np.concatenate([pts, intensity[:, None]], 1).astype(np.float32)
-
-
-def mean_voxelize(points: np.ndarray, voxel_size, point_range):
-    """Mean of the points in each voxel (MeanVFE) with NumPy; returns (coords ``[V, 3]`` x, y, z, feats, grid)."""
-    vs = np.asarray(voxel_size, np.float64)
-    lo, hi = np.asarray(point_range[:3], np.float64), np.asarray(point_range[3:], np.float64)
-    grid = np.round((hi - lo) / vs).astype(np.int64)
-    finite = np.isfinite(points).all(1)
-    idx = np.floor((points[:, :3] - lo) / vs).astype(np.int64)
-    keep = finite & (idx >= 0).all(1) & (idx < grid).all(1)
-    idx, pts = idx[keep], points[keep].astype(np.float64)
-    uniq, inverse = np.unique(idx, axis=0, return_inverse=True)
-    inverse = inverse.reshape(-1)
-    counts = np.bincount(inverse, minlength=len(uniq))
-    feats = np.stack([np.bincount(inverse, pts[:, c], len(uniq)) for c in range(pts.shape[1])], 1) / counts[:, None]
-    return uniq.astype(np.int32), feats.astype(np.float32), tuple(int(g) for g in grid)
+    return simulate_scan(seed).points
 
 
 @torch.no_grad()
@@ -118,7 +71,7 @@ def _dense_check(x, seed: int) -> float:
 
 
 def run(args) -> int:
-    from sparseconv import SparseTensor
+    from sparseconv import SparseTensor, voxelize
     from sparseconv.models import VoxelBackBone8x
 
     if args.threads:
@@ -132,17 +85,19 @@ def run(args) -> int:
             print(f"sparseconv demo: {e}", file=sys.stderr)
             return 1
     else:
-        points, source = simulated_scan(args.seed), f"simulated HDL-64E-style scan (seed {args.seed})"
+        points, source = simulated_scan(args.seed), f"simulated HDL-64E scan (seed {args.seed})"
     point_range = KITTI_RANGE if args.front else FULL_RANGE
     t0 = time.perf_counter()
-    coords, feats, grid = mean_voxelize(points, args.voxel_size, point_range)
+    voxels, _ = voxelize(torch.from_numpy(np.ascontiguousarray(points)), args.voxel_size, point_range)
     t_vox = time.perf_counter() - t0
-    if len(coords) == 0:
+    if voxels.num_voxels == 0:
         raise SystemExit(f"sparseconv demo: no point of {source} lies inside the range {point_range}")
-    b = np.zeros((len(coords), 1), np.int32)
-    net = VoxelBackBone8x(feats.shape[1], grid).eval()
+    grid = voxels.spatial_shape
+    coords = voxels.coords
+    net = VoxelBackBone8x(voxels.num_channels, grid).eval()
     torch.manual_seed(args.seed)
-    x = SparseTensor(torch.from_numpy(feats), torch.from_numpy(np.concatenate([b, coords], 1)), net.sparse_shape)
+    # OpenPCDet's backbone works on the grid with one extra z layer.
+    x = SparseTensor(voxels.features, coords, net.sparse_shape)
     with torch.no_grad():
         t0 = time.perf_counter()
         out = net(x)
