@@ -49,6 +49,7 @@ __all__ = [
     "maxpool_backward_reference",
     "avgpool_forward_reference",
     "avgpool_backward_reference",
+    "voxelize_reference",
 ]
 
 
@@ -494,3 +495,79 @@ def avgpool_backward_reference(
         out_rows, in_rows = _pairs(nbmap, k)
         grad = grad.index_add(0, in_rows, scaled[out_rows])
     return grad
+
+
+# --------------------------------------------------------------------------
+# Voxelization.
+# --------------------------------------------------------------------------
+def voxelize_reference(
+    points: torch.Tensor,
+    batch,
+    voxel_size: Sequence[float],
+    lower: Sequence[float],
+    grid: Sequence[int],
+    batch_size: int,
+    max_points: int = -1,
+    max_voxels: int = -1,
+    reduce: str = "mean",
+    order_by_first: bool = False,
+):
+    """Reference of :func:`sparseconv.ops.voxelize` (``csrc/voxelize.h``), with a stable sort.
+
+    Returns:
+        ``(coords [V, 4] int32, feats [V, F], point_voxel [N] int64, counts [V] int32, drops [4] int64)``.
+    """
+    n, c = points.shape
+    dt, dev = points.dtype, points.device
+    lo = torch.tensor([float(v) for v in lower], dtype=dt, device=dev)
+    vs = torch.tensor([float(v) for v in voxel_size], dtype=dt, device=dev)
+    xyz = points[:, :3]
+    finite = torch.isfinite(xyz).all(1)
+    q = torch.floor((xyz - lo) / vs)  # in the points' dtype, as the op
+    g = torch.tensor([int(v) for v in grid], dtype=dt, device=dev)
+    inside = finite & (q >= 0).all(1) & (q < g).all(1)
+    b = torch.zeros(n, dtype=torch.int64, device=dev) if batch is None else batch.to(torch.int64)
+    qi = torch.where(inside.unsqueeze(1), q, torch.zeros_like(q)).to(torch.int64)
+    keys = coordinate_keys(torch.cat([b.unsqueeze(1), qi], 1), [batch_size, *grid])
+    valid = inside.nonzero().flatten()
+    skeys, order = torch.sort(keys[valid], stable=True)
+    sidx = valid[order]  # points grouped by voxel, input order inside a voxel
+    uniq, run_len = torch.unique_consecutive(skeys, return_counts=True)
+    run_start = torch.cumsum(run_len, 0) - run_len
+    first = sidx[run_start]
+    runs = torch.argsort(first) if (order_by_first or (0 <= max_voxels < len(uniq))) else torch.arange(len(uniq))
+    keep = runs[:max_voxels] if 0 <= max_voxels < len(uniq) else runs
+    if not order_by_first:
+        keep = torch.sort(keep).values
+    row_of_run = torch.full((len(uniq),), -1, dtype=torch.int64, device=dev)
+    row_of_run[keep] = torch.arange(len(keep), device=dev)
+    run_of_sorted = torch.repeat_interleave(torch.arange(len(uniq), device=dev), run_len)
+    rank = torch.arange(len(sidx), device=dev) - run_start[run_of_sorted]
+    row = row_of_run[run_of_sorted]
+    kept = (row >= 0) & ((rank < max_points) if max_points >= 0 else torch.ones_like(rank, dtype=torch.bool))
+    point_voxel = torch.full((n,), -1, dtype=torch.int64, device=dev)
+    point_voxel[sidx[kept]] = row[kept]
+    nv = len(keep)
+    counts = torch.bincount(row[kept], minlength=nv).to(torch.int32)
+    pts, rows, ranks = points[sidx[kept]], row[kept], rank[kept]
+    if reduce == "count":
+        feats = counts.to(dt).unsqueeze(1)
+    elif reduce == "pad":
+        feats = points.new_zeros((nv, max_points, c))
+        feats[rows, ranks] = pts
+        feats = feats.reshape(nv, max_points * c)
+    elif reduce == "first":
+        feats = points.new_zeros((nv, c))
+        feats[rows[ranks == 0]] = pts[ranks == 0]
+    elif reduce == "max":
+        feats = points.new_zeros((nv, c)).index_reduce(0, rows, pts, "amax", include_self=False)
+    else:
+        feats = points.new_zeros((nv, c)).index_add(0, rows, pts)
+        if reduce == "mean":
+            feats = feats / counts.clamp_min(1).to(dt).unsqueeze(1)
+    coords = _decode_keys(uniq[keep], [batch_size, *grid]).to(torch.int32)
+    valid_total = len(sidx)
+    over_points = int((row >= 0).sum()) - int(kept.sum())
+    drops = torch.tensor([int((~finite).sum()), int((finite & ~inside).sum()),
+                          valid_total - int((row >= 0).sum()), over_points], dtype=torch.int64)
+    return coords, feats, point_voxel, counts, drops

@@ -624,3 +624,29 @@ def test_op_and_reference_reject_the_same_coordinates(coords, grid):
         ops.hash_build(coords, grid)
     with pytest.raises(ValueError):
         ref.hash_build_reference(coords, grid)
+
+
+# --------------------------------------------------------------------------- voxelize vs reference
+@pytest.mark.parametrize("reduce", ["mean", "max", "sum", "first", "count", "pad"])
+@pytest.mark.parametrize("limits", [(-1, -1), (2, -1), (-1, 30), (3, 25)], ids=["none", "points", "voxels", "both"])
+@pytest.mark.parametrize("order_by_first", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_voxelize_matches_reference(reduce, limits, order_by_first, dtype):
+    gen = seeded("voxelize", reduce, limits, order_by_first, str(dtype))
+    pts = (torch.rand((700, 5), generator=gen, dtype=dtype) * 14 - 2)
+    pts[:200, :3] = pts[:200, :3] * 0.1 + 3  # dense cluster: many points per voxel
+    pts[torch.randint(0, 700, (12,), generator=gen), 1] = float("nan")
+    pts[torch.randint(0, 700, (6,), generator=gen), 2] = float("inf")
+    batch = torch.randint(0, 2, (700,), generator=gen)
+    max_points, max_voxels = limits
+    if reduce == "pad" and max_points < 0:
+        max_points = 4
+    args = (pts, batch, [0.7, 0.5, 1.1], [-1.0, -1.5, -2.0], [16, 22, 11], 3, max_points, max_voxels, reduce,
+            order_by_first)
+    got = ops.voxelize(*args)
+    want = ref.voxelize_reference(*args)
+    for g, w in zip(got, want):
+        if g.is_floating_point():
+            torch.testing.assert_close(g, w)
+        else:
+            assert torch.equal(g, w)
