@@ -73,3 +73,12 @@ def test_benchmark_harness_smoke(tmp_path):
     assert {"sparseconv voxelize_padded", "sparseconv voxelize (mean)", "sparseconv forward (fresh)",
             "sparseconv forward+backward"} <= impls
     assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in data["results"])
+
+
+def test_readme_usage_example_runs():
+    text = open(os.path.join(ROOT, "README.md")).read()
+    code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    x, y = namespace["x"], namespace["y"]
+    assert y.coords.tolist() == x.coords.tolist() and y.num_channels == 16
