@@ -264,7 +264,7 @@ def format_table(results: List[Measurement], baseline: str = "sparseconv") -> st
     for (workload, config), ms in groups.items():
         ours = [m for m in ms if m.impl.startswith(baseline)]
         lines.append(f"\n{workload} — {config}")
-        lines.append(f"  {'implementation':<32}{'median ms':>11}  " + "  ".join(f"{'÷ ' + o.impl[11:]:>22}" for o in ours))
+        lines.append(f"  {'implementation':<32}{'median ms':>11}  " + "  ".join(f"{'÷ ' + o.impl.replace(baseline + ' ', ''):>22}" for o in ours))
         for m in ms:
             ratios = "  ".join(f"{m.median_ms / o.median_ms:>21.2f}x" for o in ours)
             lines.append(f"  {m.impl:<32}{m.median_ms:>11.3f}  {ratios}")
