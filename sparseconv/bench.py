@@ -19,11 +19,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .voxelize import KITTI_POINT_RANGE as KITTI_RANGE
+
 __all__ = ["Measurement", "time_alternating", "load_scans", "main", "WORKLOADS"]
 
 DEFAULT_KITTI = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                              "kitti", "velodyne")
-KITTI_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)
 
 
 @dataclass

@@ -11,9 +11,12 @@ from . import ops
 from .coords import CoordinateSet, VoxelGeometry
 from .tensor import SparseTensor
 
-__all__ = ["voxelize", "voxelize_padded", "devoxelize", "grid_shape", "Voxels", "PaddedVoxels"]
+__all__ = ["voxelize", "voxelize_padded", "devoxelize", "grid_shape", "Voxels", "PaddedVoxels", "KITTI_POINT_RANGE"]
 
 REDUCTIONS = ("mean", "max", "sum", "first", "count")
+
+#: KITTI's standard detection range (OpenPCDet): x, y, z minimum then maximum, metres.
+KITTI_POINT_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)
 
 
 def grid_shape(voxel_size: Sequence[float], point_range: Sequence[float]):

@@ -9,14 +9,14 @@ import time
 import numpy as np
 import torch
 
+from ..voxelize import KITTI_POINT_RANGE as KITTI_RANGE
+
 EPILOG = """examples:
   sparseconv demo
   sparseconv demo --input ../shared/data/kitti/velodyne/000000.bin --front
   sparseconv demo --voxel-size 0.1 0.1 0.2 --threads 2 --json
 """
 
-# KITTI's standard detection range (OpenPCDet): x, y, z min then max, metres.
-KITTI_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)
 FULL_RANGE = (-70.4, -40.0, -3.0, 70.4, 40.0, 1.0)
 
 

@@ -14,6 +14,8 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..voxelize import KITTI_POINT_RANGE as DEFAULT_RANGE
+
 EPILOG = """examples:
   sparseconv voxelize ../shared/data/kitti/velodyne -o voxels/
   sparseconv voxelize 'scans/*.bin' -o voxels/ --voxel-size 0.1 0.1 0.2 --max-points 5 --workers 2
@@ -27,8 +29,6 @@ Exit status: 0 all done (or skipped because the output exists), 1 some file fail
 2 bad arguments or no input found.
 """
 
-# KITTI's standard detection range (OpenPCDet): x, y, z min then max, metres.
-DEFAULT_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)
 DEFAULT_VOXEL_SIZE = (0.05, 0.05, 0.1)
 _GLOB_CHARS = set("*?[")
 
