@@ -1,3 +1,4 @@
+#include <algorithm>
 #include <atomic>
 #include <cstring>
 #include <vector>
@@ -8,6 +9,7 @@
 
 #include "../checks.h"
 #include "../conv.h"
+#include "gemm_rows.h"
 #include "pairs.h"
 
 namespace sparseconv {
@@ -49,6 +51,86 @@ void check_conv_args(const char* op, const at::Tensor& feats, const at::Tensor& 
   check_same_device(feats, nbmap, op, "feats", "nbmap");
 }
 
+
+// ---------------------------------------------------------------- float32: fused, output-stationary
+//
+// Output rows go in tiles of kTile; for each tile and offset k the rows with a
+// neighbour at k are gathered by pointer (no copy) and multiplied by weight[k]
+// straight into the tile (gemm_rows.h), which stays in cache while all K
+// offsets accumulate into it.  Threads own whole tiles, so there are no races
+// and no scatter buffer; the result does not depend on the thread count (each
+// output element sums its offsets in order k = 0..K-1).
+constexpr int64_t kTile = 128;
+
+void fused_conv_f32(const at::Tensor& feats, const at::Tensor& weight, const int32_t* map, int64_t m, int64_t kvol,
+                    at::Tensor& out, const char* op) {
+  const int64_t n_src = feats.size(0), cin = feats.size(1), cout = weight.size(2);
+  const float* f = feats.data_ptr<float>();
+  const float* w = weight.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const cpu::GemmRowsFn gemm = cpu::gemm_rows_f32();
+  const int64_t tiles = (m + kTile - 1) / kTile;
+  std::atomic<bool> bad{false};
+  at::parallel_for(0, tiles, 1, [&](int64_t tb, int64_t te) {
+    const float* a[kTile];
+    float* c[kTile];
+    bool local_bad = false;
+    for (int64_t t = tb; t < te; ++t) {
+      const int64_t r0 = t * kTile, rows = std::min(kTile, m - r0);
+      std::fill(o + r0 * cout, o + (r0 + rows) * cout, 0.f);
+      const int32_t* mp = map + r0 * kvol;
+      for (int64_t k = 0; k < kvol; ++k) {
+        int64_t cnt = 0;
+        for (int64_t r = 0; r < rows; ++r) {
+          const int32_t v = mp[r * kvol + k];
+          if (v < 0 || v >= n_src) {
+            local_bad |= v != -1;
+            continue;
+          }
+          a[cnt] = f + static_cast<int64_t>(v) * cin;
+          c[cnt] = o + (r0 + r) * cout;
+          ++cnt;
+        }
+        if (cnt > 0) gemm(cnt, cout, cin, a, w + k * cin * cout, cout, c);
+      }
+    }
+    if (local_bad) bad = true;
+  });
+  TORCH_CHECK_VALUE(!bad.load(), "sparseconv.", op, ": kernel map entries must be -1 or row indices below ", n_src,
+                    "; the map does not belong to these features");
+}
+
+// The map read backwards as a forward map: t[i, k] = o where map[o, k] = i.
+// Within one offset an input row feeds at most one output (kernel_map.h), so
+// a repeated entry in a column means a corrupt map and is an error.
+at::Tensor transpose_map(const int32_t* map, int64_t m, int64_t kvol, int64_t n_out, const char* op) {
+  at::Tensor t = at::full({n_out, kvol}, -1, at::TensorOptions().dtype(at::kInt));
+  int32_t* tp = t.data_ptr<int32_t>();
+  std::atomic<int> bad{0};  // 1: out of range, 2: repeated
+  at::parallel_for(0, kvol, 1, [&](int64_t kb, int64_t ke) {
+    int local = 0;
+    for (int64_t o = 0; o < m; ++o) {
+      for (int64_t k = kb; k < ke; ++k) {
+        const int32_t v = map[o * kvol + k];
+        if (v < 0 || v >= n_out) {
+          if (v != -1) local |= 1;
+          continue;
+        }
+        int32_t& cell = tp[static_cast<int64_t>(v) * kvol + k];
+        if (cell != -1) local |= 2;
+        cell = static_cast<int32_t>(o);
+      }
+    }
+    if (local) bad |= local;
+  });
+  TORCH_CHECK_VALUE(!(bad.load() & 1), "sparseconv.", op, ": kernel map entries must be -1 or row indices below ",
+                    n_out, "; the map does not belong to these features");
+  TORCH_CHECK_VALUE(!(bad.load() & 2), "sparseconv.", op,
+                    ": the kernel map repeats a row within one kernel offset, which no convolution produces; "
+                    "the map is corrupt");
+  return t;
+}
+
 }  // namespace
 
 namespace {
@@ -69,6 +151,17 @@ at::Tensor conv_forward_impl(const at::Tensor& feats_in, const at::Tensor& weigh
   }
   const at::Tensor feats = feats_in.contiguous(), nbmap = nbmap_in.contiguous();
   const int64_t cin = feats.size(1), cout = weight.size(2);
+  if (feats.scalar_type() == at::kFloat && num_out > 0 && cout > 0) {
+    at::Tensor out = at::empty({num_out, cout}, feats.options());
+    const at::Tensor w = weight.contiguous();
+    if (transposed) {
+      const at::Tensor t = transpose_map(nbmap.data_ptr<int32_t>(), m, kvol, num_out, op);
+      fused_conv_f32(feats, w, t.data_ptr<int32_t>(), num_out, kvol, out, op);
+    } else {
+      fused_conv_f32(feats, w, nbmap.data_ptr<int32_t>(), m, kvol, out, op);
+    }
+    return out;
+  }
   at::Tensor out = at::zeros({num_out, cout}, feats.options());
   if (m == 0 || num_out == 0 || cout == 0) return out;
 

@@ -1,0 +1,39 @@
+// Row-gathered GEMM micro-kernels: the inner loop of the fused
+// gather-GEMM-scatter convolution.
+//
+// gemm_rows(m, n, k, a_rows, b, ldb, c_rows):
+//   for r in [0, m):  c_rows[r][0:n) += a_rows[r][0:k) @ B[0:k, 0:n)
+//   with B row-major (element (p, j) at b[p * ldb + j]).  a_rows point at
+//   arbitrary input rows (the gather happens through these pointers, no copy);
+//   c_rows must be pairwise distinct (each is read, added to and written once).
+//   Float32 only.  No threading inside: callers split rows across threads.
+//
+// gemm_rows_f32() returns the best variant this CPU runs (AVX-512, AVX2+FMA
+// or portable C++), chosen once from the CPU's feature flags.  The ISA
+// variants live in their own translation units, which include no ATen
+// headers, so no inline function is ever compiled for an ISA the CPU lacks.
+#pragma once
+
+#include <cstdint>
+
+namespace sparseconv {
+namespace cpu {
+
+using GemmRowsFn = void (*)(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
+                            float* const* c_rows);
+
+void gemm_rows_generic(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
+                       float* const* c_rows);
+#if defined(__x86_64__) || defined(_M_X64)
+void gemm_rows_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
+                      float* const* c_rows);
+void gemm_rows_avx2(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
+                    float* const* c_rows);
+#endif
+
+GemmRowsFn gemm_rows_f32();
+// The variant gemm_rows_f32() picked: "avx512", "avx2" or "generic" (for reports and tests).
+const char* gemm_rows_isa();
+
+}  // namespace cpu
+}  // namespace sparseconv

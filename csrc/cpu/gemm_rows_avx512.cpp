@@ -1,0 +1,55 @@
+// AVX-512 variant of gemm_rows (gemm_rows.h): 16-float vectors, panels of 64
+// columns, up to 6 x 4 accumulators.  Compiled for AVX-512F only through the
+// target attribute below; run only when the CPU reports avx512f.
+#if defined(__x86_64__) || defined(_M_X64)
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,fma,avx2"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma,avx2")
+#endif
+
+#include <immintrin.h>
+
+#include "gemm_rows.h"
+#include "gemm_rows_simd.h"
+
+namespace sparseconv {
+namespace cpu {
+namespace {
+
+struct V512 {
+  using T = __m512;
+  using Mask = __mmask16;
+  static constexpr int W = 16;
+  static constexpr int kNV = 4;
+  static constexpr int mr(int nv) { return nv == 4 ? 6 : nv == 3 ? 8 : 12; }
+  static T zero() { return _mm512_setzero_ps(); }
+  static T load(const float* p) { return _mm512_loadu_ps(p); }
+  static T loadm(Mask m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+  static void store(float* p, T v) { _mm512_storeu_ps(p, v); }
+  static void storem(float* p, Mask m, T v) { _mm512_mask_storeu_ps(p, m, v); }
+  static T bcast(float x) { return _mm512_set1_ps(x); }
+  static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
+  static T add(T a, T b) { return _mm512_add_ps(a, b); }
+  static Mask mask(int w) { return static_cast<Mask>(w >= 16 ? 0xFFFFu : (1u << w) - 1u); }
+};
+
+}  // namespace
+
+void gemm_rows_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
+                      float* const* c_rows) {
+  simd::gemm_rows<V512>(m, n, k, a_rows, b, ldb, c_rows);
+}
+
+}  // namespace cpu
+}  // namespace sparseconv
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#endif

@@ -1,0 +1,93 @@
+// The register-blocked body of gemm_rows (gemm_rows.h), written once over a
+// vector type V and included by each ISA's translation unit, which compiles
+// it for that ISA.  Include nothing from ATen here.
+//
+// Blocking: MR rows x NV vectors of C accumulate in registers while k runs;
+// each step loads NV vectors of B's row p once and broadcasts a_rows[r][p]
+// for the MR rows (MR * NV FMAs per NV + MR loads).  Columns go in panels of
+// NVMAX vectors; the last vector of a panel is masked when n is not a
+// multiple of the vector width.
+#pragma once
+
+#include <cstdint>
+
+namespace sparseconv {
+namespace cpu {
+namespace simd {
+
+template <class V, int MR, int NV>
+inline void kernel(int64_t k, const float* const* a_rows, const float* b, int64_t ldb, float* const* c_rows,
+                   int64_t col, typename V::Mask last) {
+  typename V::T acc[MR][NV];
+  const float* a[MR];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    a[r] = a_rows[r];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  }
+  const float* bp = b + col;
+  for (int64_t p = 0; p < k; ++p, bp += ldb) {
+    typename V::T bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v + 1 < NV; ++v) bv[v] = V::load(bp + V::W * v);
+    bv[NV - 1] = V::loadm(last, bp + V::W * (NV - 1));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const typename V::T av = V::bcast(a[r][p]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* c = c_rows[r] + col;
+#pragma GCC unroll 8
+    for (int v = 0; v + 1 < NV; ++v) V::store(c + V::W * v, V::add(V::load(c + V::W * v), acc[r][v]));
+    float* cl = c + V::W * (NV - 1);
+    V::storem(cl, last, V::add(V::loadm(last, cl), acc[r][NV - 1]));
+  }
+}
+
+// Rows [0, m) in blocks of MR, then the remainder (fewer than MR rows) by a smaller kernel.
+template <class V, int NV, int R>
+inline void tail(int64_t rem, int64_t k, const float* const* a, const float* b, int64_t ldb, float* const* c,
+                 int64_t col, typename V::Mask last) {
+  if constexpr (R > 0) {
+    if (rem == R) {
+      kernel<V, R, NV>(k, a, b, ldb, c, col, last);
+    } else {
+      tail<V, NV, R - 1>(rem, k, a, b, ldb, c, col, last);
+    }
+  }
+}
+
+template <class V, int NV>
+inline void rows(int64_t m, int64_t k, const float* const* a, const float* b, int64_t ldb, float* const* c,
+                 int64_t col, typename V::Mask last) {
+  constexpr int MR = V::mr(NV);
+  int64_t r = 0;
+  for (; r + MR <= m; r += MR) kernel<V, MR, NV>(k, a + r, b, ldb, c + r, col, last);
+  tail<V, NV, MR - 1>(m - r, k, a + r, b, ldb, c + r, col, last);
+}
+
+template <class V>
+inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* const* a, const float* b, int64_t ldb,
+                      float* const* c) {
+  constexpr int64_t panel = V::kNV * V::W;
+  for (int64_t col = 0; col < n; col += panel) {
+    const int64_t w = n - col < panel ? n - col : panel;
+    const int nv = static_cast<int>((w + V::W - 1) / V::W);
+    const typename V::Mask last = V::mask(static_cast<int>(w - (nv - 1) * V::W));
+    switch (nv) {
+      case 1: rows<V, 1>(m, k, a, b, ldb, c, col, last); break;
+      case 2: rows<V, 2>(m, k, a, b, ldb, c, col, last); break;
+      case 3: if constexpr (V::kNV >= 3) rows<V, 3>(m, k, a, b, ldb, c, col, last); break;
+      default: if constexpr (V::kNV >= 4) rows<V, 4>(m, k, a, b, ldb, c, col, last); break;
+    }
+  }
+}
+
+}  // namespace simd
+}  // namespace cpu
+}  // namespace sparseconv
