@@ -5,10 +5,23 @@
 
 #include <torch/library.h>
 
+#include "cpu/gemm_rows.h"
+
+namespace {
+
+// sparseconv._C.cpu_isa() -> "avx512" | "avx2" | "generic": the instruction set of the CPU
+// convolution micro-kernels on this machine (cpu/gemm_rows.h).
+PyObject* cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(sparseconv::cpu::gemm_rows_isa()); }
+
+PyMethodDef methods[] = {{"cpu_isa", cpu_isa, METH_NOARGS, "ISA of the CPU convolution micro-kernels."},
+                         {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
 extern "C" {
 // Importing sparseconv._C runs the static TORCH_LIBRARY registrations.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }
 }

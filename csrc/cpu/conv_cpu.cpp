@@ -131,6 +131,36 @@ at::Tensor transpose_map(const int32_t* map, int64_t m, int64_t kvol, int64_t n_
   return t;
 }
 
+// Weight gradient (float32), parallel over kernel offsets: each offset's
+// pairs go in chunks small enough that their feature and gradient rows stay in
+// cache while gemm_pairs (gemm_rows.h) sweeps grad_weight[k] in register
+// blocks, reading the rows through pointers (no packing).  Every offset's sum
+// runs over its pairs in order, so results do not depend on the thread count.
+void fused_weight_grad_f32(const float* f, int64_t cin, const float* g, int64_t cout, const Pairs& pairs,
+                           int64_t kvol, float* gw) {
+  const cpu::GemmPairsFn gemm = cpu::gemm_pairs_f32();
+  constexpr int64_t kChunk = 96;
+  at::parallel_for(0, kvol, 1, [&](int64_t kb, int64_t ke) {
+    const float* a_ptrs[kChunk];
+    const float* b_ptrs[kChunk];
+    for (int64_t k = kb; k < ke; ++k) {
+      float* gk = gw + k * cin * cout;
+      std::fill(gk, gk + cin * cout, 0.f);
+      const int32_t* src = pairs.src.data() + pairs.start[k];
+      const int32_t* dst = pairs.dst.data() + pairs.start[k];
+      const int64_t nk = pairs.count(k);
+      for (int64_t j0 = 0; j0 < nk; j0 += kChunk) {
+        const int64_t nc = std::min(kChunk, nk - j0);
+        for (int64_t j = 0; j < nc; ++j) {
+          a_ptrs[j] = f + static_cast<int64_t>(src[j0 + j]) * cin;
+          b_ptrs[j] = g + static_cast<int64_t>(dst[j0 + j]) * cout;
+        }
+        gemm(cin, cout, nc, a_ptrs, b_ptrs, gk, cout);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 namespace {
@@ -225,6 +255,11 @@ at::Tensor conv_weight_grad_cpu(const at::Tensor& feats_in, const at::Tensor& gr
   if (m == 0) return gw;
   const int64_t n_feat = feats.size(0), n_grad = grad.size(0);
   const Pairs pairs = make_pairs(nbmap.data_ptr<int32_t>(), m, kvol, transposed, transposed ? n_grad : n_feat, op);
+  if (feats.scalar_type() == at::kFloat && cin > 0 && cout > 0) {
+    fused_weight_grad_f32(feats.data_ptr<float>(), cin, grad.data_ptr<float>(), cout, pairs, kvol,
+                          gw.data_ptr<float>());
+    return gw;
+  }
   const int64_t max_n = pairs.max_count();
   at::Tensor abuf = at::empty({max_n, cin}, feats.options());
   at::Tensor bbuf = at::empty({max_n, cout}, feats.options());

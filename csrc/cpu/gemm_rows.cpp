@@ -27,10 +27,24 @@ void gemm_rows_generic(int64_t m, int64_t n, int64_t k, const float* const* a_ro
   }
 }
 
+void gemm_pairs_generic(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
+                        float* c, int64_t ldc) {
+  for (int64_t p = 0; p < k; ++p) {
+    const float* a = a_ptrs[p];
+    const float* b = b_ptrs[p];
+    for (int64_t r = 0; r < m; ++r) {
+      const float av = a[r];
+      float* cr = c + r * ldc;
+      for (int64_t j = 0; j < n; ++j) cr[j] += av * b[j];
+    }
+  }
+}
+
 namespace {
 
 struct Choice {
   GemmRowsFn fn;
+  GemmPairsFn pairs;
   const char* isa;
 };
 
@@ -41,12 +55,12 @@ Choice choose() {
   const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (allow512 && __builtin_cpu_supports("avx512f")) return {gemm_rows_avx512, "avx512"};
-  if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {gemm_rows_avx2, "avx2"};
+  if (allow512 && __builtin_cpu_supports("avx512f")) return {gemm_rows_avx512, gemm_pairs_avx512, "avx512"};
+  if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {gemm_rows_avx2, gemm_pairs_avx2, "avx2"};
 #else
   (void)allow2;
 #endif
-  return {gemm_rows_generic, "generic"};
+  return {gemm_rows_generic, gemm_pairs_generic, "generic"};
 }
 
 const Choice& choice() {
@@ -57,6 +71,7 @@ const Choice& choice() {
 }  // namespace
 
 GemmRowsFn gemm_rows_f32() { return choice().fn; }
+GemmPairsFn gemm_pairs_f32() { return choice().pairs; }
 const char* gemm_rows_isa() { return choice().isa; }
 
 }  // namespace cpu

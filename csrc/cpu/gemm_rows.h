@@ -8,7 +8,13 @@
 //   c_rows must be pairwise distinct (each is read, added to and written once).
 //   Float32 only.  No threading inside: callers split rows across threads.
 //
-// gemm_rows_f32() returns the best variant this CPU runs (AVX-512, AVX2+FMA
+// gemm_pairs(m, n, k, a_ptrs, b_ptrs, c, ldc):
+//   C[0:m, 0:n) += sum over p in [0, k) of a_ptrs[p][0:m)^T b_ptrs[p][0:n)
+//   with C row-major (leading dimension ldc): the weight gradient of one
+//   kernel offset, sum over its pairs of feats[src]^T grad[dst], read through
+//   row pointers (no packing).
+//
+// gemm_rows_f32() / gemm_pairs_f32() return the best variant this CPU runs (AVX-512, AVX2+FMA
 // or portable C++), chosen once from the CPU's feature flags.  The ISA
 // variants live in their own translation units, which include no ATen
 // headers, so no inline function is ever compiled for an ISA the CPU lacks.
@@ -24,6 +30,17 @@ using GemmRowsFn = void (*)(int64_t m, int64_t n, int64_t k, const float* const*
 
 void gemm_rows_generic(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
                        float* const* c_rows);
+using GemmPairsFn = void (*)(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
+                             float* c, int64_t ldc);
+
+void gemm_pairs_generic(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
+                        float* c, int64_t ldc);
+#if defined(__x86_64__) || defined(_M_X64)
+void gemm_pairs_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
+                       float* c, int64_t ldc);
+void gemm_pairs_avx2(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
+                     float* c, int64_t ldc);
+#endif
 #if defined(__x86_64__) || defined(_M_X64)
 void gemm_rows_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
                       float* const* c_rows);
@@ -32,6 +49,7 @@ void gemm_rows_avx2(int64_t m, int64_t n, int64_t k, const float* const* a_rows,
 #endif
 
 GemmRowsFn gemm_rows_f32();
+GemmPairsFn gemm_pairs_f32();
 // The variant gemm_rows_f32() picked: "avx512", "avx2" or "generic" (for reports and tests).
 const char* gemm_rows_isa();
 

@@ -46,6 +46,11 @@ void gemm_rows_avx2(int64_t m, int64_t n, int64_t k, const float* const* a_rows,
   simd::gemm_rows<V256>(m, n, k, a_rows, b, ldb, c_rows);
 }
 
+void gemm_pairs_avx2(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
+                   float* c, int64_t ldc) {
+  simd::gemm_pairs<V256>(m, n, k, a_ptrs, b_ptrs, c, ldc);
+}
+
 }  // namespace cpu
 }  // namespace sparseconv
 

@@ -43,6 +43,11 @@ void gemm_rows_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_row
   simd::gemm_rows<V512>(m, n, k, a_rows, b, ldb, c_rows);
 }
 
+void gemm_pairs_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
+                   float* c, int64_t ldc) {
+  simd::gemm_pairs<V512>(m, n, k, a_ptrs, b_ptrs, c, ldc);
+}
+
 }  // namespace cpu
 }  // namespace sparseconv
 

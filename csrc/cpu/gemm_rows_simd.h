@@ -88,6 +88,80 @@ inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* const* a, co
   }
 }
 
+// gemm_pairs: MR rows x NV vectors of C in registers while p runs over the
+// pairs; each step loads NV vectors of b_ptrs[p] and broadcasts
+// a_ptrs[p][row0 + r].
+template <class V, int MR, int NV>
+inline void pairs_kernel(int64_t k, const float* const* a_ptrs, int64_t row0, const float* const* b_ptrs, float* c,
+                         int64_t ldc, int64_t col, typename V::Mask last) {
+  typename V::T acc[MR][NV];
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV; ++v) acc[r][v] = V::zero();
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    const float* bp = b_ptrs[p] + col;
+    const float* ap = a_ptrs[p] + row0;
+    typename V::T bv[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v + 1 < NV; ++v) bv[v] = V::load(bp + V::W * v);
+    bv[NV - 1] = V::loadm(last, bp + V::W * (NV - 1));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const typename V::T av = V::bcast(ap[r]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) acc[r][v] = V::fma(av, bv[v], acc[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+    float* cr = c + (row0 + r) * ldc + col;
+#pragma GCC unroll 8
+    for (int v = 0; v + 1 < NV; ++v) V::store(cr + V::W * v, V::add(V::load(cr + V::W * v), acc[r][v]));
+    float* cl = cr + V::W * (NV - 1);
+    V::storem(cl, last, V::add(V::loadm(last, cl), acc[r][NV - 1]));
+  }
+}
+
+template <class V, int NV, int R>
+inline void pairs_tail(int64_t rem, int64_t k, const float* const* a, int64_t row0, const float* const* b, float* c,
+                       int64_t ldc, int64_t col, typename V::Mask last) {
+  if constexpr (R > 0) {
+    if (rem == R) {
+      pairs_kernel<V, R, NV>(k, a, row0, b, c, ldc, col, last);
+    } else {
+      pairs_tail<V, NV, R - 1>(rem, k, a, row0, b, c, ldc, col, last);
+    }
+  }
+}
+
+template <class V, int NV>
+inline void pairs_rows(int64_t m, int64_t k, const float* const* a, const float* const* b, float* c, int64_t ldc,
+                       int64_t col, typename V::Mask last) {
+  constexpr int MR = V::mr(NV);
+  int64_t r = 0;
+  for (; r + MR <= m; r += MR) pairs_kernel<V, MR, NV>(k, a, r, b, c, ldc, col, last);
+  pairs_tail<V, NV, MR - 1>(m - r, k, a, r, b, c, ldc, col, last);
+}
+
+template <class V>
+inline void gemm_pairs(int64_t m, int64_t n, int64_t k, const float* const* a, const float* const* b, float* c,
+                       int64_t ldc) {
+  constexpr int64_t panel = V::kNV * V::W;
+  for (int64_t col = 0; col < n; col += panel) {
+    const int64_t w = n - col < panel ? n - col : panel;
+    const int nv = static_cast<int>((w + V::W - 1) / V::W);
+    const typename V::Mask last = V::mask(static_cast<int>(w - (nv - 1) * V::W));
+    switch (nv) {
+      case 1: pairs_rows<V, 1>(m, k, a, b, c, ldc, col, last); break;
+      case 2: pairs_rows<V, 2>(m, k, a, b, c, ldc, col, last); break;
+      case 3: if constexpr (V::kNV >= 3) pairs_rows<V, 3>(m, k, a, b, c, ldc, col, last); break;
+      default: if constexpr (V::kNV >= 4) pairs_rows<V, 4>(m, k, a, b, c, ldc, col, last); break;
+    }
+  }
+}
+
 }  // namespace simd
 }  // namespace cpu
 }  // namespace sparseconv
