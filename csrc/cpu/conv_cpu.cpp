@@ -72,26 +72,31 @@ void fused_conv_f32(const at::Tensor& feats, const at::Tensor& weight, const int
   const int64_t tiles = (m + kTile - 1) / kTile;
   std::atomic<bool> bad{false};
   at::parallel_for(0, tiles, 1, [&](int64_t tb, int64_t te) {
-    const float* a[kTile];
-    float* c[kTile];
+    // Per-offset lists of the tile's (input row, output row) pointers, filled in one row-major pass.
+    std::vector<const float*> a(kvol * kTile);
+    std::vector<float*> c(kvol * kTile);
+    std::vector<int64_t> cnt(kvol);
     bool local_bad = false;
     for (int64_t t = tb; t < te; ++t) {
       const int64_t r0 = t * kTile, rows = std::min(kTile, m - r0);
       std::fill(o + r0 * cout, o + (r0 + rows) * cout, 0.f);
+      std::fill(cnt.begin(), cnt.end(), 0);
       const int32_t* mp = map + r0 * kvol;
-      for (int64_t k = 0; k < kvol; ++k) {
-        int64_t cnt = 0;
-        for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t r = 0; r < rows; ++r) {
+        float* orow = o + (r0 + r) * cout;
+        for (int64_t k = 0; k < kvol; ++k) {
           const int32_t v = mp[r * kvol + k];
           if (v < 0 || v >= n_src) {
             local_bad |= v != -1;
             continue;
           }
-          a[cnt] = f + static_cast<int64_t>(v) * cin;
-          c[cnt] = o + (r0 + r) * cout;
-          ++cnt;
+          const int64_t j = k * kTile + cnt[k]++;
+          a[j] = f + static_cast<int64_t>(v) * cin;
+          c[j] = orow;
         }
-        if (cnt > 0) gemm(cnt, cout, cin, a, w + k * cin * cout, cout, c);
+      }
+      for (int64_t k = 0; k < kvol; ++k) {
+        if (cnt[k] > 0) gemm(cnt[k], cout, cin, a.data() + k * kTile, w + k * cin * cout, cout, c.data() + k * kTile);
       }
     }
     if (local_bad) bad = true;

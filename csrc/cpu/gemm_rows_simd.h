@@ -15,7 +15,7 @@ namespace sparseconv {
 namespace cpu {
 namespace simd {
 
-template <class V, int MR, int NV>
+template <class V, int MR, int NV, bool FULL>
 inline void kernel(int64_t k, const float* const* a_rows, const float* b, int64_t ldb, float* const* c_rows,
                    int64_t col, typename V::Mask last) {
   typename V::T acc[MR][NV];
@@ -31,7 +31,7 @@ inline void kernel(int64_t k, const float* const* a_rows, const float* b, int64_
     typename V::T bv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v + 1 < NV; ++v) bv[v] = V::load(bp + V::W * v);
-    bv[NV - 1] = V::loadm(last, bp + V::W * (NV - 1));
+    bv[NV - 1] = FULL ? V::load(bp + V::W * (NV - 1)) : V::loadm(last, bp + V::W * (NV - 1));
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const typename V::T av = V::bcast(a[r][p]);
@@ -45,30 +45,34 @@ inline void kernel(int64_t k, const float* const* a_rows, const float* b, int64_
 #pragma GCC unroll 8
     for (int v = 0; v + 1 < NV; ++v) V::store(c + V::W * v, V::add(V::load(c + V::W * v), acc[r][v]));
     float* cl = c + V::W * (NV - 1);
-    V::storem(cl, last, V::add(V::loadm(last, cl), acc[r][NV - 1]));
-  }
-}
-
-// Rows [0, m) in blocks of MR, then the remainder (fewer than MR rows) by a smaller kernel.
-template <class V, int NV, int R>
-inline void tail(int64_t rem, int64_t k, const float* const* a, const float* b, int64_t ldb, float* const* c,
-                 int64_t col, typename V::Mask last) {
-  if constexpr (R > 0) {
-    if (rem == R) {
-      kernel<V, R, NV>(k, a, b, ldb, c, col, last);
+    if (FULL) {
+      V::store(cl, V::add(V::load(cl), acc[r][NV - 1]));
     } else {
-      tail<V, NV, R - 1>(rem, k, a, b, ldb, c, col, last);
+      V::storem(cl, last, V::add(V::loadm(last, cl), acc[r][NV - 1]));
     }
   }
 }
 
-template <class V, int NV>
+// Rows [0, m) in blocks of MR, then the remainder (fewer than MR rows) by a smaller kernel.
+template <class V, int NV, bool FULL, int R>
+inline void tail(int64_t rem, int64_t k, const float* const* a, const float* b, int64_t ldb, float* const* c,
+                 int64_t col, typename V::Mask last) {
+  if constexpr (R > 0) {
+    if (rem == R) {
+      kernel<V, R, NV, FULL>(k, a, b, ldb, c, col, last);
+    } else {
+      tail<V, NV, FULL, R - 1>(rem, k, a, b, ldb, c, col, last);
+    }
+  }
+}
+
+template <class V, int NV, bool FULL>
 inline void rows(int64_t m, int64_t k, const float* const* a, const float* b, int64_t ldb, float* const* c,
                  int64_t col, typename V::Mask last) {
   constexpr int MR = V::mr(NV);
   int64_t r = 0;
-  for (; r + MR <= m; r += MR) kernel<V, MR, NV>(k, a + r, b, ldb, c + r, col, last);
-  tail<V, NV, MR - 1>(m - r, k, a + r, b, ldb, c + r, col, last);
+  for (; r + MR <= m; r += MR) kernel<V, MR, NV, FULL>(k, a + r, b, ldb, c + r, col, last);
+  tail<V, NV, FULL, MR - 1>(m - r, k, a + r, b, ldb, c + r, col, last);
 }
 
 template <class V>
@@ -79,11 +83,18 @@ inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* const* a, co
     const int64_t w = n - col < panel ? n - col : panel;
     const int nv = static_cast<int>((w + V::W - 1) / V::W);
     const typename V::Mask last = V::mask(static_cast<int>(w - (nv - 1) * V::W));
-    switch (nv) {
-      case 1: rows<V, 1>(m, k, a, b, ldb, c, col, last); break;
-      case 2: rows<V, 2>(m, k, a, b, ldb, c, col, last); break;
-      case 3: if constexpr (V::kNV >= 3) rows<V, 3>(m, k, a, b, ldb, c, col, last); break;
-      default: if constexpr (V::kNV >= 4) rows<V, 4>(m, k, a, b, ldb, c, col, last); break;
+    // Full last vectors take plain loads and stores: masked stores followed by masked loads of
+    // the same rows (the next offset's update) do not forward and stall on some CPUs.
+    const bool full = w == nv * V::W;
+    switch (nv * 2 + full) {
+      case 2: rows<V, 1, false>(m, k, a, b, ldb, c, col, last); break;
+      case 3: rows<V, 1, true>(m, k, a, b, ldb, c, col, last); break;
+      case 4: rows<V, 2, false>(m, k, a, b, ldb, c, col, last); break;
+      case 5: rows<V, 2, true>(m, k, a, b, ldb, c, col, last); break;
+      case 6: if constexpr (V::kNV >= 3) rows<V, 3, false>(m, k, a, b, ldb, c, col, last); break;
+      case 7: if constexpr (V::kNV >= 3) rows<V, 3, true>(m, k, a, b, ldb, c, col, last); break;
+      case 8: if constexpr (V::kNV >= 4) rows<V, 4, false>(m, k, a, b, ldb, c, col, last); break;
+      default: if constexpr (V::kNV >= 4) rows<V, 4, true>(m, k, a, b, ldb, c, col, last); break;
     }
   }
 }
@@ -91,7 +102,7 @@ inline void gemm_rows(int64_t m, int64_t n, int64_t k, const float* const* a, co
 // gemm_pairs: MR rows x NV vectors of C in registers while p runs over the
 // pairs; each step loads NV vectors of b_ptrs[p] and broadcasts
 // a_ptrs[p][row0 + r].
-template <class V, int MR, int NV>
+template <class V, int MR, int NV, bool FULL>
 inline void pairs_kernel(int64_t k, const float* const* a_ptrs, int64_t row0, const float* const* b_ptrs, float* c,
                          int64_t ldc, int64_t col, typename V::Mask last) {
   typename V::T acc[MR][NV];
@@ -106,7 +117,7 @@ inline void pairs_kernel(int64_t k, const float* const* a_ptrs, int64_t row0, co
     typename V::T bv[NV];
 #pragma GCC unroll 8
     for (int v = 0; v + 1 < NV; ++v) bv[v] = V::load(bp + V::W * v);
-    bv[NV - 1] = V::loadm(last, bp + V::W * (NV - 1));
+    bv[NV - 1] = FULL ? V::load(bp + V::W * (NV - 1)) : V::loadm(last, bp + V::W * (NV - 1));
 #pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const typename V::T av = V::bcast(ap[r]);
@@ -120,29 +131,33 @@ inline void pairs_kernel(int64_t k, const float* const* a_ptrs, int64_t row0, co
 #pragma GCC unroll 8
     for (int v = 0; v + 1 < NV; ++v) V::store(cr + V::W * v, V::add(V::load(cr + V::W * v), acc[r][v]));
     float* cl = cr + V::W * (NV - 1);
-    V::storem(cl, last, V::add(V::loadm(last, cl), acc[r][NV - 1]));
-  }
-}
-
-template <class V, int NV, int R>
-inline void pairs_tail(int64_t rem, int64_t k, const float* const* a, int64_t row0, const float* const* b, float* c,
-                       int64_t ldc, int64_t col, typename V::Mask last) {
-  if constexpr (R > 0) {
-    if (rem == R) {
-      pairs_kernel<V, R, NV>(k, a, row0, b, c, ldc, col, last);
+    if (FULL) {
+      V::store(cl, V::add(V::load(cl), acc[r][NV - 1]));
     } else {
-      pairs_tail<V, NV, R - 1>(rem, k, a, row0, b, c, ldc, col, last);
+      V::storem(cl, last, V::add(V::loadm(last, cl), acc[r][NV - 1]));
     }
   }
 }
 
-template <class V, int NV>
+template <class V, int NV, bool FULL, int R>
+inline void pairs_tail(int64_t rem, int64_t k, const float* const* a, int64_t row0, const float* const* b, float* c,
+                       int64_t ldc, int64_t col, typename V::Mask last) {
+  if constexpr (R > 0) {
+    if (rem == R) {
+      pairs_kernel<V, R, NV, FULL>(k, a, row0, b, c, ldc, col, last);
+    } else {
+      pairs_tail<V, NV, FULL, R - 1>(rem, k, a, row0, b, c, ldc, col, last);
+    }
+  }
+}
+
+template <class V, int NV, bool FULL>
 inline void pairs_rows(int64_t m, int64_t k, const float* const* a, const float* const* b, float* c, int64_t ldc,
                        int64_t col, typename V::Mask last) {
   constexpr int MR = V::mr(NV);
   int64_t r = 0;
-  for (; r + MR <= m; r += MR) pairs_kernel<V, MR, NV>(k, a, r, b, c, ldc, col, last);
-  pairs_tail<V, NV, MR - 1>(m - r, k, a, r, b, c, ldc, col, last);
+  for (; r + MR <= m; r += MR) pairs_kernel<V, MR, NV, FULL>(k, a, r, b, c, ldc, col, last);
+  pairs_tail<V, NV, FULL, MR - 1>(m - r, k, a, r, b, c, ldc, col, last);
 }
 
 template <class V>
@@ -153,11 +168,18 @@ inline void gemm_pairs(int64_t m, int64_t n, int64_t k, const float* const* a, c
     const int64_t w = n - col < panel ? n - col : panel;
     const int nv = static_cast<int>((w + V::W - 1) / V::W);
     const typename V::Mask last = V::mask(static_cast<int>(w - (nv - 1) * V::W));
-    switch (nv) {
-      case 1: pairs_rows<V, 1>(m, k, a, b, c, ldc, col, last); break;
-      case 2: pairs_rows<V, 2>(m, k, a, b, c, ldc, col, last); break;
-      case 3: if constexpr (V::kNV >= 3) pairs_rows<V, 3>(m, k, a, b, c, ldc, col, last); break;
-      default: if constexpr (V::kNV >= 4) pairs_rows<V, 4>(m, k, a, b, c, ldc, col, last); break;
+    // Full last vectors take plain loads and stores: masked stores followed by masked loads of
+    // the same rows (the next offset's update) do not forward and stall on some CPUs.
+    const bool full = w == nv * V::W;
+    switch (nv * 2 + full) {
+      case 2: pairs_rows<V, 1, false>(m, k, a, b, c, ldc, col, last); break;
+      case 3: pairs_rows<V, 1, true>(m, k, a, b, c, ldc, col, last); break;
+      case 4: pairs_rows<V, 2, false>(m, k, a, b, c, ldc, col, last); break;
+      case 5: pairs_rows<V, 2, true>(m, k, a, b, c, ldc, col, last); break;
+      case 6: if constexpr (V::kNV >= 3) pairs_rows<V, 3, false>(m, k, a, b, c, ldc, col, last); break;
+      case 7: if constexpr (V::kNV >= 3) pairs_rows<V, 3, true>(m, k, a, b, c, ldc, col, last); break;
+      case 8: if constexpr (V::kNV >= 4) pairs_rows<V, 4, false>(m, k, a, b, c, ldc, col, last); break;
+      default: if constexpr (V::kNV >= 4) pairs_rows<V, 4, true>(m, k, a, b, c, ldc, col, last); break;
     }
   }
 }
