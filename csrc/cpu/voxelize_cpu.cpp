@@ -1,9 +1,14 @@
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,18 +36,189 @@ Reduce parse_reduce(c10::string_view r) {
                     std::string(r), "'");
 }
 
-constexpr uint64_t kNonFinite = std::numeric_limits<uint64_t>::max();
-constexpr uint64_t kOutside = kNonFinite - 1;
-
 // Scratch buffers of one calling thread (see voxelize_cpu).
 struct Workspace {
-  std::vector<uint64_t> key, skeys, skeys_tmp;
-  std::vector<uint32_t> k32, k32_tmp, first, first_tmp;
-  std::vector<int32_t> sidx, sidx_tmp;
-  std::vector<int64_t> chunk_valid, chunk_nonfinite, chunk_runs, run_start, order, runs, runs_tmp, over_points,
-      hist;
-  std::vector<char> kept;
+  std::vector<uint32_t> key32, table32, vkey32, skey32, skey32_tmp;
+  std::vector<uint64_t> key64, table64, vkey64, skey64, skey64_tmp;
+  std::vector<int32_t> pslot, vcount, vslot, sv, sv_tmp, rank;
+  std::vector<int64_t> chunk_nonfinite, hist;
 };
+
+// Open-addressing hash table (linear probing, power-of-two capacity) from a voxel key to its
+// voxel id, in the calling thread's workspace.  Between calls every slot holds the empty key:
+// a call clears exactly the slots it filled, so no call pays for clearing the whole table.
+// Entries are (key, id) pairs; 32-bit keys when the grid allows (half the cache footprint).
+template <typename K>
+struct KeyTable {
+  static constexpr K kEmpty = ~K(0);  // also the "dropped point" key: never inserted
+  K* slots;                           // 2 * capacity: key, id, key, id, ...
+  uint64_t mask;
+  int shift;
+
+  static KeyTable make(std::vector<K>& storage, int64_t max_entries) {
+    int bits = 10;
+    while ((int64_t(1) << bits) < 2 * max_entries) ++bits;  // load factor <= 1/2
+    const size_t want = size_t(2) << bits;
+    if (storage.size() < want) storage.resize(want, kEmpty);  // new slots start empty
+    return KeyTable{storage.data(), (uint64_t(1) << bits) - 1, int(sizeof(K) * 8) - bits};
+  }
+  uint64_t home(K key) const {
+    if (sizeof(K) == 4) return uint32_t(key * 0x9E3779B1u) >> shift;  // Fibonacci hashing
+    return uint64_t(key * 0x9E3779B97F4A7C15ull) >> shift;
+  }
+};
+
+// Key of a point: the voxel index floor((p - lower) / voxel_size) per axis, computed with one
+// correctly rounded division in the points' type (exactly as spconv's PointToVoxel), then
+// 0 <= q < grid checked on the quotient (floor(t) is in [0, g) exactly when t is in [0, g), and
+// for t >= 0 truncation is the floor).  NaN fails every comparison; a huge quotient is rejected
+// before it is converted.
+template <typename scalar_t, typename K>
+struct KeyMaker {
+  const scalar_t* p;
+  int64_t c;
+  const int64_t* bp;
+  Grid grid;
+  scalar_t lo[3], vs[3];
+#if defined(__SSE2__)
+  __m128 lo4, vs4, zero4, lim4;
+  __m128i g4;
+#endif
+
+  KeyMaker(const scalar_t* p_, int64_t c_, const int64_t* bp_, const Grid& g, at::ArrayRef<double> lower,
+           at::ArrayRef<double> voxel_size)
+      : p(p_), c(c_), bp(bp_), grid(g) {
+    for (int a = 0; a < 3; ++a) {
+      lo[a] = static_cast<scalar_t>(lower[a]);
+      vs[a] = static_cast<scalar_t>(voxel_size[a]);
+    }
+#if defined(__SSE2__)
+    if (std::is_same<scalar_t, float>::value) {
+      lo4 = _mm_setr_ps(float(lo[0]), float(lo[1]), float(lo[2]), 0.f);
+      vs4 = _mm_setr_ps(float(vs[0]), float(vs[1]), float(vs[2]), 1.f);
+      zero4 = _mm_setzero_ps();
+      lim4 = _mm_set1_ps(2147483648.f);
+      g4 = _mm_setr_epi32(int(g.X), int(g.Y), int(g.Z), INT32_MAX);
+    }
+#endif
+  }
+
+  // Whether x, y, z of point i are finite (for classifying a dropped point).
+  bool finite(int64_t i) const {
+    const scalar_t* r = p + i * c;
+    return std::isfinite(r[0]) && std::isfinite(r[1]) && std::isfinite(r[2]);
+  }
+
+  K scalar_key(int64_t i) const {
+    const scalar_t* r = p + i * c;
+    const int64_t g[3] = {grid.X, grid.Y, grid.Z};
+    int64_t q[3];
+    for (int a = 0; a < 3; ++a) {
+      const scalar_t t = (r[a] - lo[a]) / vs[a];
+      if (!(t >= scalar_t(0) && t < scalar_t(2147483648.0))) return KeyTable<K>::kEmpty;
+      q[a] = static_cast<int64_t>(t);
+      if (q[a] >= g[a]) return KeyTable<K>::kEmpty;
+    }
+    return static_cast<K>(grid.encode(bp ? bp[i] : 0, q[0], q[1], q[2]));
+  }
+
+  // The key of point i, or KeyTable<K>::kEmpty when the point is dropped.
+  K key(int64_t i) const {
+#if defined(__SSE2__)
+    if (std::is_same<scalar_t, float>::value && c >= 4) {  // x, y, z and one more column: one 16-byte load
+      const __m128 t = _mm_div_ps(_mm_sub_ps(_mm_loadu_ps(reinterpret_cast<const float*>(p + i * c)), lo4), vs4);
+      const __m128 ok = _mm_and_ps(_mm_cmpge_ps(t, zero4), _mm_cmplt_ps(t, lim4));
+      const __m128i q = _mm_cvttps_epi32(t);
+      const __m128i in = _mm_and_si128(_mm_castps_si128(ok), _mm_cmpgt_epi32(g4, q));
+      if ((_mm_movemask_ps(_mm_castsi128_ps(in)) & 7) != 7) return KeyTable<K>::kEmpty;
+      const int64_t qx = _mm_cvtsi128_si32(q);
+      const int64_t qy = _mm_cvtsi128_si32(_mm_shuffle_epi32(q, 0x55));
+      const int64_t qz = _mm_cvtsi128_si32(_mm_shuffle_epi32(q, 0xAA));
+      return static_cast<K>(grid.encode(bp ? bp[i] : 0, qx, qy, qz));
+    }
+#endif
+    return scalar_key(i);
+  }
+};
+
+// The voxels of the points in input order: a voxel id on first sight (the first max_voxels
+// voxels only), each point's voxel (or -1) and its slot (rank among the voxel's kept points).
+template <typename K>
+struct Assign {
+  int64_t* pv;       // [n] voxel id or -1
+  int32_t* pslot;    // [n] rank of a kept point in its voxel
+  K* vkey;           // [cap] key of voxel v
+  int32_t* vcount;   // [cap] kept points of voxel v
+  int32_t* vslot;    // [cap] table slot of voxel v
+  KeyTable<K> table;
+  int64_t max_voxels, max_points;  // INT64_MAX when unlimited
+  int64_t nv = 0, valid = 0, over_voxels = 0, over_points = 0;
+  K last_key = KeyTable<K>::kEmpty;
+  int64_t last_v = -1;
+
+  inline void add(int64_t i, K k) {
+    if (k == KeyTable<K>::kEmpty) {
+      pv[i] = -1;
+      return;
+    }
+    ++valid;
+    int64_t v = last_v;
+    if (k != last_key) {  // consecutive points mostly share a voxel: skip the probe
+      uint64_t h = table.home(k);
+      for (;;) {
+        const K s = table.slots[2 * h];
+        if (s == k) {
+          v = static_cast<int64_t>(table.slots[2 * h + 1]);
+          break;
+        }
+        if (s == KeyTable<K>::kEmpty) {
+          if (nv < max_voxels) {
+            v = nv++;
+            table.slots[2 * h] = k;
+            table.slots[2 * h + 1] = static_cast<K>(v);
+            vkey[v] = k;
+            vcount[v] = 0;
+            vslot[v] = static_cast<int32_t>(h);
+          } else {
+            v = -1;  // beyond max_voxels: never inserted, so its later points are dropped too
+          }
+          break;
+        }
+        h = (h + 1) & table.mask;
+      }
+      last_key = k;
+      last_v = v;
+    }
+    if (v < 0) {
+      ++over_voxels;
+      pv[i] = -1;
+      return;
+    }
+    const int32_t s = vcount[v];
+    if (s >= max_points) {
+      ++over_points;
+      pv[i] = -1;
+      return;
+    }
+    vcount[v] = s + 1;
+    pv[i] = v;
+    pslot[i] = s;
+  }
+
+  void clear_table() {
+    for (int64_t v = 0; v < nv; ++v) table.slots[2 * static_cast<int64_t>(static_cast<uint32_t>(vslot[v]))] =
+        KeyTable<K>::kEmpty;
+  }
+};
+
+template <int CC, typename scalar_t>
+inline void copy_row(scalar_t* out, const scalar_t* row, int64_t c) {
+  if (CC > 0) {
+    std::memcpy(out, row, CC * sizeof(scalar_t));
+  } else {
+    std::memcpy(out, row, c * sizeof(scalar_t));
+  }
+}
 
 }  // namespace
 
@@ -84,245 +260,178 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
     }
   }
   const int64_t* bp = batch.defined() ? batch.data_ptr<int64_t>() : nullptr;
+  const uint64_t max_key = static_cast<uint64_t>(grid.B * grid.X * grid.Y * grid.Z - 1);
 
   // Temporaries live in a per-thread workspace that keeps its capacity between calls: a scan is
   // voxelized many times per second, and fresh multi-megabyte buffers each time cost more in page
   // faults than the work itself.
   thread_local Workspace ws;
 
-  // Per-point outputs: every entry is written exactly once below.
   at::Tensor point_voxel = at::empty({n}, points.options().dtype(at::kLong));
   int64_t* pv = point_voxel.data_ptr<int64_t>();
-
-  // 1. Key of each point (or a drop code), and per-chunk counts of valid points.
-  constexpr int64_t kChunk = 16384;
-  const int64_t num_chunks = (n + kChunk - 1) / kChunk;
-  uint64_t* key = cpu::scratch(ws.key, n);
-  int64_t* chunk_valid = cpu::scratch(ws.chunk_valid, num_chunks + 1);
-  int64_t* chunk_nonfinite = cpu::scratch(ws.chunk_nonfinite, num_chunks + 1);
-  chunk_valid[0] = 0;
-  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "sparseconv_voxelize_keys", [&] {
-    const scalar_t* p = points.data_ptr<scalar_t>();
-    const scalar_t lo[3] = {static_cast<scalar_t>(lower[0]), static_cast<scalar_t>(lower[1]),
-                            static_cast<scalar_t>(lower[2])};
-    const scalar_t vs[3] = {static_cast<scalar_t>(voxel_size[0]), static_cast<scalar_t>(voxel_size[1]),
-                            static_cast<scalar_t>(voxel_size[2])};
-    const scalar_t g[3] = {static_cast<scalar_t>(grid.X), static_cast<scalar_t>(grid.Y),
-                           static_cast<scalar_t>(grid.Z)};
-    // The cell index floor(d / vs), exactly as the rounded division gives it, without dividing in
-    // almost every case: the product with the rounded reciprocal is within a few ulps of the
-    // rounded quotient, so its floor is the same unless the product lies within that distance of
-    // an integer; only then is the division done.  Floors are taken by integer truncation plus a
-    // correction (std::floor is a library call on baseline x86-64).  Returns false for a cell
-    // outside [0, grid) and for NaN/inf.
-    const scalar_t inv[3] = {scalar_t(1) / vs[0], scalar_t(1) / vs[1], scalar_t(1) / vs[2]};
-    constexpr scalar_t kUlps = 8 * std::numeric_limits<scalar_t>::epsilon();
-    auto floor_int = [](scalar_t v) -> int64_t {
-      int64_t i = static_cast<int64_t>(v);
-      return i - (v < static_cast<scalar_t>(i));
-    };
-    auto cell = [&](scalar_t d, int axis, int64_t* q) -> bool {
-      const scalar_t t = d * inv[axis];
-      if (!(t > scalar_t(-2) && t < g[axis] + scalar_t(2))) return false;  // far outside, or NaN/inf
-      int64_t i = floor_int(t);
-      const scalar_t frac = t - static_cast<scalar_t>(i);
-      const scalar_t margin = kUlps * (std::abs(t) + scalar_t(1));
-      if (frac < margin || frac > scalar_t(1) - margin) i = floor_int(d / vs[axis]);
-      *q = i;
-      return i >= 0 && i < static_cast<int64_t>(g[axis]);
-    };
-    at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t chunk = cb; chunk < ce; ++chunk) {
-        int64_t valid = 0, nonfinite = 0;
-        const int64_t end = std::min(n, (chunk + 1) * kChunk);
-        for (int64_t i = chunk * kChunk; i < end; ++i) {
-          const scalar_t* r = p + i * c;
-          // NaN fails every comparison and inf lands outside: one test covers both; the rare
-          // rejected point is then classified.  Comparing before converting also keeps a huge
-          // quotient from overflowing the integer conversion.
-          int64_t qx, qy, qz;
-          const bool inside = cell(r[0] - lo[0], 0, &qx) && cell(r[1] - lo[1], 1, &qy) && cell(r[2] - lo[2], 2, &qz);
-          if (!inside) {
-            const bool finite = std::isfinite(r[0]) && std::isfinite(r[1]) && std::isfinite(r[2]);
-            key[i] = finite ? kOutside : kNonFinite;
-            nonfinite += !finite;
-            pv[i] = -1;
-            continue;
-          }
-          key[i] = static_cast<uint64_t>(grid.encode(bp ? bp[i] : 0, qx, qy, qz));
-          ++valid;
-        }
-        chunk_valid[chunk + 1] = valid;
-        chunk_nonfinite[chunk] = nonfinite;
-      }
-    });
-  });
-  int64_t nonfinite = 0;
-  for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-    nonfinite += chunk_nonfinite[chunk];
-    chunk_valid[chunk + 1] += chunk_valid[chunk];
-  }
-  const int64_t valid = chunk_valid[num_chunks];
-  const int64_t outside = n - nonfinite - valid;
-
-  // 2. Valid points, stably sorted by key: each voxel's points become one run, in input order.
-  //    Keys are sorted as 32-bit integers when the grid allows (half the memory traffic).
-  const uint64_t max_key = static_cast<uint64_t>(grid.B * grid.X * grid.Y * grid.Z - 1);
-  uint64_t* skeys = cpu::scratch(ws.skeys, valid);
-  int32_t* sidx = cpu::scratch(ws.sidx, valid);
-  int32_t* sidx_tmp = cpu::scratch(ws.sidx_tmp, valid);
-  auto compact = [&](auto* out_keys) {
-    using K = std::remove_pointer_t<decltype(out_keys)>;
-    at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
-      for (int64_t chunk = cb; chunk < ce; ++chunk) {
-        int64_t j = chunk_valid[chunk];
-        const int64_t end = std::min(n, (chunk + 1) * kChunk);
-        for (int64_t i = chunk * kChunk; i < end; ++i) {
-          if (key[i] >= kOutside) continue;
-          out_keys[j] = static_cast<K>(key[i]);
-          sidx[j++] = static_cast<int32_t>(i);
-        }
-      }
-    });
-  };
-  if (max_key <= UINT32_MAX) {
-    uint32_t* k32 = cpu::scratch(ws.k32, valid);
-    uint32_t* k32_tmp = cpu::scratch(ws.k32_tmp, valid);
-    compact(k32);
-    cpu::radix_sort_pairs(k32, sidx, k32_tmp, sidx_tmp, valid, cpu::bit_width(max_key), ws.hist);
-    at::parallel_for(0, valid, 1 << 15, [&](int64_t b, int64_t e) {
-      for (int64_t j = b; j < e; ++j) skeys[j] = k32[j];
-    });
-  } else {
-    compact(skeys);
-    cpu::radix_sort_pairs(skeys, sidx, cpu::scratch(ws.skeys_tmp, valid), sidx_tmp, valid, cpu::bit_width(max_key),
-                          ws.hist);
-  }
-
-  // 3. Runs = voxels (in key order); the first point of a run is its earliest point.  Run starts
-  //    are marked per chunk in parallel, counted, then written in order.
-  const int64_t rchunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), valid / 16384));
-  const int64_t rlen = (valid + rchunks - 1) / rchunks;
-  int64_t* chunk_runs = cpu::scratch(ws.chunk_runs, rchunks + 1);
-  chunk_runs[0] = 0;
-  at::parallel_for(0, rchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t t = cb; t < ce; ++t) {
-      int64_t cnt = 0;
-      const int64_t end = std::min(valid, (t + 1) * rlen);
-      for (int64_t j = t * rlen; j < end; ++j) cnt += (j == 0 || skeys[j] != skeys[j - 1]);
-      chunk_runs[t + 1] = cnt;
-    }
-  });
-  for (int64_t t = 0; t < rchunks; ++t) chunk_runs[t + 1] += chunk_runs[t];
-  const int64_t v_all = chunk_runs[rchunks];
-  int64_t* run_start = cpu::scratch(ws.run_start, v_all + 1);
-  at::parallel_for(0, rchunks, 1, [&](int64_t cb, int64_t ce) {
-    for (int64_t t = cb; t < ce; ++t) {
-      int64_t r = chunk_runs[t];
-      const int64_t end = std::min(valid, (t + 1) * rlen);
-      for (int64_t j = t * rlen; j < end; ++j) {
-        if (j == 0 || skeys[j] != skeys[j - 1]) run_start[r++] = j;
-      }
-    }
-  });
-  run_start[v_all] = valid;
-
-  // 4. Voxels kept (the first max_voxels by first appearance) and the output order.
-  const bool truncate = max_voxels >= 0 && v_all > max_voxels;
-  const int64_t nv = truncate ? max_voxels : v_all;
-  int64_t* order = cpu::scratch(ws.order, nv);  // output row -> run
-  if (order_by_first || truncate) {
-    uint32_t* first = cpu::scratch(ws.first, v_all);
-    int64_t* runs = cpu::scratch(ws.runs, v_all);
-    at::parallel_for(0, v_all, 1 << 14, [&](int64_t b, int64_t e) {
-      for (int64_t r = b; r < e; ++r) {
-        first[r] = static_cast<uint32_t>(sidx[run_start[r]]);
-        runs[r] = r;
-      }
-    });
-    cpu::radix_sort_pairs(first, runs, cpu::scratch(ws.first_tmp, v_all), cpu::scratch(ws.runs_tmp, v_all), v_all,
-                          cpu::bit_width(static_cast<uint64_t>(std::max<int64_t>(n, 1))), ws.hist);
-    if (order_by_first) {
-      std::copy(runs, runs + nv, order);
-    } else {
-      char* kept = cpu::scratch(ws.kept, v_all);
-      std::fill(kept, kept + v_all, 0);
-      for (int64_t j = 0; j < nv; ++j) kept[runs[j]] = 1;
-      int64_t o = 0;
-      for (int64_t r = 0; r < v_all; ++r) {
-        if (kept[r]) order[o++] = r;
-      }
-    }
-    // The points of the voxels beyond max_voxels are dropped.
-    for (int64_t j = nv; j < v_all; ++j) {
-      for (int64_t q = run_start[runs[j]]; q < run_start[runs[j] + 1]; ++q) {
-        pv[sidx[q]] = -1;
-      }
-    }
-  } else {
-    for (int64_t r = 0; r < nv; ++r) order[r] = r;
-  }
-
-  // 5. Per voxel: coordinates, kept points, reduction.  Each voxel writes only its own rows.
   const int64_t f = reduce == kCount ? 1 : (reduce == kPad ? max_points * c : c);
-  at::Tensor coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
-  at::Tensor feats = at::empty({nv, f}, points.options());
-  at::Tensor counts = at::empty({nv}, points.options().dtype(at::kInt));
-  int32_t* cp = coords.data_ptr<int32_t>();
-  int32_t* cnt = counts.data_ptr<int32_t>();
-  int64_t* over_points = cpu::scratch(ws.over_points, nv);
-  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "sparseconv_voxelize_reduce", [&] {
+  at::Tensor coords, feats, counts;
+  int64_t nonfinite = 0, valid = 0, over_voxels = 0, over_points = 0;
+
+  AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "sparseconv_voxelize", [&] {
     const scalar_t* p = points.data_ptr<scalar_t>();
-    scalar_t* fp = feats.data_ptr<scalar_t>();
-    at::parallel_for(0, nv, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t v = begin; v < end; ++v) {
-        const int64_t r = order[v], s = run_start[r], len = run_start[r + 1] - s;
-        const int64_t take = max_points >= 0 ? std::min(len, max_points) : len;
-        grid.decode(static_cast<int64_t>(skeys[s]), cp + 4 * v);
-        cnt[v] = static_cast<int32_t>(take);
-        over_points[v] = len - take;
-        scalar_t* out = fp + v * f;
-        for (int64_t j = 0; j < len; ++j) {
-          const int64_t i = sidx[s + j];
-          if (j >= take) {
-            pv[i] = -1;
+    auto run = [&](auto key_tag, std::vector<decltype(key_tag)>& key_buf, std::vector<decltype(key_tag)>& table_buf,
+                   std::vector<decltype(key_tag)>& vkey_buf, std::vector<decltype(key_tag)>& skey_buf,
+                   std::vector<decltype(key_tag)>& skey_tmp_buf) {
+      using K = decltype(key_tag);
+      const KeyMaker<scalar_t, K> km(p, c, bp, grid, lower, voxel_size);
+      const int64_t cap = max_voxels >= 0 ? std::min(n, max_voxels) : n;  // voxels at most
+
+      // 1. Voxel ids in order of first appearance: one pass over the points in input order.
+      Assign<K> as;
+      as.pv = pv;
+      as.pslot = cpu::scratch(ws.pslot, n);
+      as.vkey = cpu::scratch(vkey_buf, cap);
+      as.vcount = cpu::scratch(ws.vcount, cap);
+      as.vslot = cpu::scratch(ws.vslot, cap);
+      as.table = KeyTable<K>::make(table_buf, cap);
+      as.max_voxels = max_voxels >= 0 ? max_voxels : INT64_MAX;
+      as.max_points = max_points >= 0 ? max_points : INT64_MAX;
+      constexpr int64_t kChunk = 16384;
+      if (at::get_num_threads() > 1 && n >= 4 * kChunk) {
+        // The keys in parallel first (the arithmetic of a point does not depend on the split).
+        K* key = cpu::scratch(key_buf, n);
+        const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+        int64_t* chunk_nonfinite = cpu::scratch(ws.chunk_nonfinite, num_chunks);
+        at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
+          for (int64_t chunk = cb; chunk < ce; ++chunk) {
+            int64_t nf = 0;
+            const int64_t end = std::min(n, (chunk + 1) * kChunk);
+            for (int64_t i = chunk * kChunk; i < end; ++i) {
+              const K k = km.key(i);
+              key[i] = k;
+              if (k == KeyTable<K>::kEmpty) nf += !km.finite(i);
+            }
+            chunk_nonfinite[chunk] = nf;
+          }
+        });
+        for (int64_t chunk = 0; chunk < num_chunks; ++chunk) nonfinite += chunk_nonfinite[chunk];
+        for (int64_t i = 0; i < n; ++i) as.add(i, key[i]);
+      } else {
+        for (int64_t i = 0; i < n; ++i) {
+          const K k = km.key(i);
+          if (k == KeyTable<K>::kEmpty) nonfinite += !km.finite(i);
+          as.add(i, k);
+        }
+      }
+      as.clear_table();
+      valid = as.valid;
+      over_voxels = as.over_voxels;
+      over_points = as.over_points;
+      const int64_t nv = as.nv;
+      const K* vkey = as.vkey;
+      const int32_t* vcount = as.vcount;
+      const int32_t* pslot = as.pslot;
+
+      // 2. Output order: first appearance (the ids), or (batch, x, y, z) = key order.
+      const int32_t* row_voxel = nullptr;  // output row -> voxel id (null: identity)
+      const int32_t* rank = nullptr;       // voxel id -> output row (null: identity)
+      const K* row_key = vkey;
+      if (!order_by_first && nv > 1) {
+        K* sk = cpu::scratch(skey_buf, nv);
+        int32_t* sv = cpu::scratch(ws.sv, nv);
+        std::copy(vkey, vkey + nv, sk);
+        for (int64_t v = 0; v < nv; ++v) sv[v] = static_cast<int32_t>(v);
+        cpu::radix_sort_pairs(sk, sv, cpu::scratch(skey_tmp_buf, nv), cpu::scratch(ws.sv_tmp, nv), nv,
+                              cpu::bit_width(max_key), ws.hist);
+        int32_t* rk = cpu::scratch(ws.rank, nv);
+        for (int64_t r = 0; r < nv; ++r) rk[sv[r]] = static_cast<int32_t>(r);
+        row_voxel = sv;
+        rank = rk;
+        row_key = sk;
+      }
+
+      // 3. Outputs.  Every element is written exactly once (padding zeros included).
+      coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
+      feats = at::empty({nv, f}, points.options());
+      counts = at::empty({nv}, points.options().dtype(at::kInt));
+      int32_t* cp = coords.data_ptr<int32_t>();
+      int32_t* cnt = counts.data_ptr<int32_t>();
+      scalar_t* fp = feats.data_ptr<scalar_t>();
+      at::parallel_for(0, nv, 4096, [&](int64_t b, int64_t e) {
+        for (int64_t r = b; r < e; ++r) {
+          const int64_t v = row_voxel ? row_voxel[r] : r;
+          grid.decode(static_cast<int64_t>(row_key[r]), cp + 4 * r);
+          cnt[r] = vcount[v];
+          if (reduce == kCount) fp[r] = static_cast<scalar_t>(vcount[v]);
+          if (reduce == kPad) std::fill(fp + r * f + vcount[v] * c, fp + (r + 1) * f, scalar_t(0));
+        }
+      });
+      auto scatter = [&](auto cc_tag) {
+        constexpr int CC = decltype(cc_tag)::value;
+        if (reduce == kPad) {  // each kept point has its own slot: any split is race-free
+          at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+            for (int64_t i = b; i < e; ++i) {
+              int64_t v = pv[i];
+              if (v < 0) continue;
+              if (rank) pv[i] = v = rank[v];
+              copy_row<CC>(fp + v * f + pslot[i] * c, p + i * c, c);
+            }
+          });
+          return;
+        }
+        if (reduce == kCount) {
+          if (rank) {
+            for (int64_t i = 0; i < n; ++i) {
+              if (pv[i] >= 0) pv[i] = rank[pv[i]];
+            }
+          }
+          return;
+        }
+        // Reductions in input order inside each voxel (the first kept point initialises the row).
+        for (int64_t i = 0; i < n; ++i) {
+          int64_t v = pv[i];
+          if (v < 0) continue;
+          if (rank) pv[i] = v = rank[v];
+          const scalar_t* row = p + i * c;
+          scalar_t* out = fp + v * f;
+          const int64_t cols = CC > 0 ? CC : c;
+          if (pslot[i] == 0) {
+            copy_row<CC>(out, row, c);
             continue;
           }
-          pv[i] = v;
-          const scalar_t* row = p + i * c;
           switch (reduce) {
-            case kCount:
-              break;
-            case kPad:
-              std::copy(row, row + c, out + j * c);
-              break;
-            case kFirst:
-              if (j == 0) std::copy(row, row + c, out);
-              break;
             case kMax:
-              for (int64_t k = 0; k < c; ++k) out[k] = j == 0 ? row[k] : std::max(out[k], row[k]);
+              for (int64_t k = 0; k < cols; ++k) out[k] = std::max(out[k], row[k]);
               break;
             case kMean:
             case kSum:
-              for (int64_t k = 0; k < c; ++k) out[k] = j == 0 ? row[k] : out[k] + row[k];
+              for (int64_t k = 0; k < cols; ++k) out[k] = out[k] + row[k];
+              break;
+            default:  // kFirst
               break;
           }
         }
-        if (reduce == kCount) out[0] = static_cast<scalar_t>(take);
-        if (reduce == kPad) std::fill(out + take * c, out + f, scalar_t(0));
         if (reduce == kMean) {
-          const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(take);
-          for (int64_t k = 0; k < c; ++k) out[k] *= inv;
+          at::parallel_for(0, nv, 4096, [&](int64_t b, int64_t e) {
+            for (int64_t r = b; r < e; ++r) {
+              const int64_t v = row_voxel ? row_voxel[r] : r;
+              const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(vcount[v]);
+              for (int64_t k = 0; k < c; ++k) fp[r * f + k] *= inv;
+            }
+          });
         }
+      };
+      if (c == 4) {
+        scatter(std::integral_constant<int, 4>());
+      } else {
+        scatter(std::integral_constant<int, 0>());
       }
-    });
+    };
+    if (max_key < UINT32_MAX) {
+      run(uint32_t(0), ws.key32, ws.table32, ws.vkey32, ws.skey32, ws.skey32_tmp);
+    } else {
+      run(uint64_t(0), ws.key64, ws.table64, ws.vkey64, ws.skey64, ws.skey64_tmp);
+    }
   });
 
-  int64_t dropped_voxels = 0, dropped_points = 0;
-  for (int64_t v = 0; v < nv; ++v) dropped_points += over_points[v];
-  dropped_voxels = valid - dropped_points;
-  for (int64_t v = 0; v < nv; ++v) dropped_voxels -= cnt[v];
-  at::Tensor drops = at::tensor({nonfinite, outside, dropped_voxels, dropped_points}, points.options().dtype(at::kLong));
+  const int64_t outside = n - nonfinite - valid;
+  at::Tensor drops = at::tensor({nonfinite, outside, over_voxels, over_points}, points.options().dtype(at::kLong));
   return {coords, feats, point_voxel, counts, drops};
 }
 
