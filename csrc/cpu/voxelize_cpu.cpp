@@ -3,6 +3,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -12,6 +13,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/impl/alloc_cpu.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -19,6 +21,15 @@
 #include "../voxelize.h"
 #include "radix_sort.h"
 
+#define VOXPROF 1
+#ifdef VOXPROF
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#define VT(name) do { if (std::getenv("VOXPROF")) { auto _n = std::chrono::steady_clock::now(); std::fprintf(stderr, "%s=%.3f ", name, std::chrono::duration<double, std::milli>(_n - _t0).count()); _t0 = _n; } } while (0)
+#else
+#define VT(name)
+#endif
 namespace sparseconv {
 
 namespace {
@@ -40,8 +51,8 @@ Reduce parse_reduce(c10::string_view r) {
 struct Workspace {
   std::vector<uint32_t> key32, table32, vkey32, skey32, skey32_tmp;
   std::vector<uint64_t> key64, table64, vkey64, skey64, skey64_tmp;
-  std::vector<int32_t> pslot, vcount, vslot, sv, sv_tmp, rank;
-  std::vector<int64_t> chunk_nonfinite, hist;
+  std::vector<int32_t> idx, pslot, vcount, vslot, sv, sv_tmp, rank;
+  std::vector<int64_t> chunk_valid, chunk_nonfinite, hist;
 };
 
 // Open-addressing hash table (linear probing, power-of-two capacity) from a voxel key to its
@@ -141,7 +152,7 @@ struct KeyMaker {
   }
 };
 
-// The voxels of the points in input order: a voxel id on first sight (the first max_voxels
+// The voxels of the valid points in input order: a voxel id on first sight (the first max_voxels
 // voxels only), each point's voxel (or -1) and its slot (rank among the voxel's kept points).
 template <typename K>
 struct Assign {
@@ -152,62 +163,133 @@ struct Assign {
   int32_t* vslot;    // [cap] table slot of voxel v
   KeyTable<K> table;
   int64_t max_voxels, max_points;  // INT64_MAX when unlimited
-  int64_t nv = 0, valid = 0, over_voxels = 0, over_points = 0;
-  K last_key = KeyTable<K>::kEmpty;
-  int64_t last_v = -1;
+  int64_t nv = 0, over_voxels = 0, over_points = 0;
 
-  inline void add(int64_t i, K k) {
-    if (k == KeyTable<K>::kEmpty) {
-      pv[i] = -1;
-      return;
-    }
-    ++valid;
-    int64_t v = last_v;
-    if (k != last_key) {  // consecutive points mostly share a voxel: skip the probe
-      uint64_t h = table.home(k);
-      for (;;) {
-        const K s = table.slots[2 * h];
-        if (s == k) {
-          v = static_cast<int64_t>(table.slots[2 * h + 1]);
-          break;
-        }
-        if (s == KeyTable<K>::kEmpty) {
-          if (nv < max_voxels) {
-            v = nv++;
-            table.slots[2 * h] = k;
-            table.slots[2 * h + 1] = static_cast<K>(v);
-            vkey[v] = k;
-            vcount[v] = 0;
-            vslot[v] = static_cast<int32_t>(h);
-          } else {
-            v = -1;  // beyond max_voxels: never inserted, so its later points are dropped too
-          }
-          break;
-        }
-        h = (h + 1) & table.mask;
+  // The voxel of key k: found, inserted (a new id), or -1 (new beyond max_voxels: not inserted,
+  // so the later points of that voxel are dropped too).
+  int64_t probe(K k, uint64_t h) {
+    for (;;) {
+      const K s = table.slots[2 * h];
+      if (s == k) return static_cast<int64_t>(table.slots[2 * h + 1]);
+      if (s == KeyTable<K>::kEmpty) {
+        if (nv >= max_voxels) return -1;
+        const int64_t v = nv++;
+        table.slots[2 * h] = k;
+        table.slots[2 * h + 1] = static_cast<K>(v);
+        vkey[v] = k;
+        vcount[v] = 0;
+        vslot[v] = static_cast<int32_t>(h);
+        return v;
       }
-      last_key = k;
-      last_v = v;
+      h = (h + 1) & table.mask;
     }
-    if (v < 0) {
-      ++over_voxels;
-      pv[i] = -1;
-      return;
+  }
+
+  // Points idx[0, m) (valid, in input order) with keys key[0, m).
+  void add(const K* key, const int32_t* idx, int64_t m) {
+    int64_t ov = 0, op = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      const K k = key[j];
+      const int64_t i = idx[j];
+      const uint64_t h = table.home(k);
+      int64_t v;
+      if (C10_LIKELY(table.slots[2 * h] == k)) {
+        v = static_cast<int64_t>(table.slots[2 * h + 1]);
+      } else {
+        v = probe(k, h);
+        if (v < 0) {
+          ++ov;
+          pv[i] = -1;
+          continue;
+        }
+      }
+      const int32_t s = vcount[v];
+      const bool keep = s < max_points;
+      vcount[v] = s + keep;
+      op += !keep;
+      pv[i] = keep ? v : -1;
+      pslot[i] = s;
     }
-    const int32_t s = vcount[v];
-    if (s >= max_points) {
-      ++over_points;
-      pv[i] = -1;
-      return;
-    }
-    vcount[v] = s + 1;
-    pv[i] = v;
-    pslot[i] = s;
+    over_voxels += ov;
+    over_points += op;
   }
 
   void clear_table() {
     for (int64_t v = 0; v < nv; ++v) table.slots[2 * static_cast<int64_t>(static_cast<uint32_t>(vslot[v]))] =
         KeyTable<K>::kEmpty;
+  }
+};
+
+// Output buffers.  Fresh multi-megabyte allocations are page-faulted in on every call whenever
+// the C allocator has returned the memory to the OS in between (it does after any larger
+// allocation is freed), and on small VMs faulting in the padded output costs more than computing
+// it.  Large outputs are therefore carved from a small process-wide pool of blocks: a block goes
+// back to the pool only when the tensor storage that owns it is freed (its deleter runs), so a
+// block is never reused while anything references it (a storage moved to shared memory swaps in
+// a new buffer and frees the block the same way).  At most kPoolBytes are kept.
+class OutputPool {
+ public:
+  static constexpr size_t kMinBytes = size_t(256) << 10;
+  static constexpr size_t kPoolBytes = size_t(64) << 20;
+
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    size_t bytes = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
+    for (int64_t s : sizes) bytes *= static_cast<size_t>(s);
+    if (bytes < kMinBytes) return at::empty(sizes, options);
+    void* data = instance().take(bytes);
+    return at::from_blob(
+        data, sizes, [bytes](void* ptr) { instance().give(ptr, bytes); }, options);
+  }
+
+ private:
+  struct Block {
+    void* ptr;
+    size_t bytes;
+  };
+  std::mutex mu_;
+  std::vector<Block> free_;
+  size_t free_bytes_ = 0;
+
+  static OutputPool& instance() {
+    static OutputPool* pool = new OutputPool();  // never destroyed: deleters may run at exit
+    return *pool;
+  }
+  // A block of at least `bytes` (the block's size is rounded so that similar requests share it).
+  void* take(size_t& bytes) {
+    bytes = (bytes + (size_t(64) << 10) - 1) & ~((size_t(64) << 10) - 1);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      int best = -1;
+      for (size_t b = 0; b < free_.size(); ++b) {  // smallest block that fits, without wasting half
+        if (free_[b].bytes >= bytes && free_[b].bytes <= 2 * bytes &&
+            (best < 0 || free_[b].bytes < free_[best].bytes)) {
+          best = static_cast<int>(b);
+        }
+      }
+      if (best >= 0) {
+        const Block blk = free_[best];
+        free_.erase(free_.begin() + best);
+        free_bytes_ -= blk.bytes;
+        bytes = blk.bytes;
+        return blk.ptr;
+      }
+    }
+    void* ptr = c10::alloc_cpu(bytes);
+    return ptr;
+  }
+  void give(void* ptr, size_t bytes) {
+    std::vector<void*> release;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      free_.push_back({ptr, bytes});
+      free_bytes_ += bytes;
+      while (free_bytes_ > kPoolBytes) {  // drop the oldest blocks
+        release.push_back(free_.front().ptr);
+        free_bytes_ -= free_.front().bytes;
+        free_.erase(free_.begin());
+      }
+    }
+    for (void* p : release) c10::free_cpu(p);
   }
 };
 
@@ -267,7 +349,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
   // faults than the work itself.
   thread_local Workspace ws;
 
-  at::Tensor point_voxel = at::empty({n}, points.options().dtype(at::kLong));
+  auto _t0 = std::chrono::steady_clock::now();
+  at::Tensor point_voxel = OutputPool::empty({n}, points.options().dtype(at::kLong));
   int64_t* pv = point_voxel.data_ptr<int64_t>();
   const int64_t f = reduce == kCount ? 1 : (reduce == kPad ? max_points * c : c);
   at::Tensor coords, feats, counts;
@@ -289,38 +372,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       as.vkey = cpu::scratch(vkey_buf, cap);
       as.vcount = cpu::scratch(ws.vcount, cap);
       as.vslot = cpu::scratch(ws.vslot, cap);
-      as.table = KeyTable<K>::make(table_buf, cap);
       as.max_voxels = max_voxels >= 0 ? max_voxels : INT64_MAX;
       as.max_points = max_points >= 0 ? max_points : INT64_MAX;
+      // Keys of the valid points, compacted per chunk of points (in parallel: the arithmetic of
+      // a point does not depend on the split), then assigned chunk by chunk in input order.
       constexpr int64_t kChunk = 16384;
-      if (at::get_num_threads() > 1 && n >= 4 * kChunk) {
-        // The keys in parallel first (the arithmetic of a point does not depend on the split).
-        K* key = cpu::scratch(key_buf, n);
-        const int64_t num_chunks = (n + kChunk - 1) / kChunk;
-        int64_t* chunk_nonfinite = cpu::scratch(ws.chunk_nonfinite, num_chunks);
-        at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
-          for (int64_t chunk = cb; chunk < ce; ++chunk) {
-            int64_t nf = 0;
-            const int64_t end = std::min(n, (chunk + 1) * kChunk);
-            for (int64_t i = chunk * kChunk; i < end; ++i) {
-              const K k = km.key(i);
-              key[i] = k;
-              if (k == KeyTable<K>::kEmpty) nf += !km.finite(i);
+      const int64_t num_chunks = (n + kChunk - 1) / kChunk;
+      K* key = cpu::scratch(key_buf, n);
+      int32_t* idx = cpu::scratch(ws.idx, n);
+      int64_t* chunk_valid = cpu::scratch(ws.chunk_valid, num_chunks);
+      int64_t* chunk_nonfinite = cpu::scratch(ws.chunk_nonfinite, num_chunks);
+      at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
+        for (int64_t chunk = cb; chunk < ce; ++chunk) {
+          int64_t nf = 0, j = chunk * kChunk;
+          const int64_t end = std::min(n, (chunk + 1) * kChunk);
+          for (int64_t i = chunk * kChunk; i < end; ++i) {
+            const K k = km.key(i);
+            key[j] = k;
+            idx[j] = static_cast<int32_t>(i);
+            if (C10_LIKELY(k != KeyTable<K>::kEmpty)) {
+              ++j;
+            } else {
+              nf += !km.finite(i);
+              pv[i] = -1;
             }
-            chunk_nonfinite[chunk] = nf;
           }
-        });
-        for (int64_t chunk = 0; chunk < num_chunks; ++chunk) nonfinite += chunk_nonfinite[chunk];
-        for (int64_t i = 0; i < n; ++i) as.add(i, key[i]);
-      } else {
-        for (int64_t i = 0; i < n; ++i) {
-          const K k = km.key(i);
-          if (k == KeyTable<K>::kEmpty) nonfinite += !km.finite(i);
-          as.add(i, k);
+          chunk_valid[chunk] = j - chunk * kChunk;
+          chunk_nonfinite[chunk] = nf;
         }
+      });
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) valid += chunk_valid[chunk];
+      as.table = KeyTable<K>::make(table_buf, std::min(valid, cap));
+      VT("keys");
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+        nonfinite += chunk_nonfinite[chunk];
+        as.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk]);
       }
+      VT("assign");
       as.clear_table();
-      valid = as.valid;
+      VT("clear");
       over_voxels = as.over_voxels;
       over_points = as.over_points;
       const int64_t nv = as.nv;
@@ -346,9 +436,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         row_key = sk;
       }
 
+      VT("sort");
       // 3. Outputs.  Every element is written exactly once (padding zeros included).
       coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
-      feats = at::empty({nv, f}, points.options());
+      feats = (std::getenv("VOXV") && std::getenv("VOXV")[0]=='1') ? at::empty({nv, f}, points.options()) : OutputPool::empty({nv, f}, points.options());
       counts = at::empty({nv}, points.options().dtype(at::kInt));
       int32_t* cp = coords.data_ptr<int32_t>();
       int32_t* cnt = counts.data_ptr<int32_t>();
@@ -362,6 +453,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           if (reduce == kPad) std::fill(fp + r * f + vcount[v] * c, fp + (r + 1) * f, scalar_t(0));
         }
       });
+      VT("alloc+rows");
       auto scatter = [&](auto cc_tag) {
         constexpr int CC = decltype(cc_tag)::value;
         if (reduce == kPad) {  // each kept point has its own slot: any split is race-free
@@ -422,6 +514,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       } else {
         scatter(std::integral_constant<int, 0>());
       }
+      VT("scatter");
     };
     if (max_key < UINT32_MAX) {
       run(uint32_t(0), ws.key32, ws.table32, ws.vkey32, ws.skey32, ws.skey32_tmp);
@@ -432,6 +525,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
 
   const int64_t outside = n - nonfinite - valid;
   at::Tensor drops = at::tensor({nonfinite, outside, over_voxels, over_points}, points.options().dtype(at::kLong));
+  VT("end");
+  if (std::getenv("VOXPROF")) std::fprintf(stderr, "\n");
   return {coords, feats, point_voxel, counts, drops};
 }
 
