@@ -21,15 +21,6 @@
 #include "../voxelize.h"
 #include "radix_sort.h"
 
-#define VOXPROF 1
-#ifdef VOXPROF
-#include <chrono>
-#include <cstdio>
-#include <cstdlib>
-#define VT(name) do { if (std::getenv("VOXPROF")) { auto _n = std::chrono::steady_clock::now(); std::fprintf(stderr, "%s=%.3f ", name, std::chrono::duration<double, std::milli>(_n - _t0).count()); _t0 = _n; } } while (0)
-#else
-#define VT(name)
-#endif
 namespace sparseconv {
 
 namespace {
@@ -293,6 +284,28 @@ class OutputPool {
   }
 };
 
+// k / d and k % d for 0 <= k < 2^52 by a multiplication in double: the product is within one of
+// the quotient, and one correction step makes the result exact (decoding a key divides three
+// times; a 64-bit integer division costs tens of cycles).
+struct FastDiv {
+  int64_t d;
+  double inv;
+  explicit FastDiv(int64_t d_) : d(d_), inv(1.0 / static_cast<double>(d_)) {}
+  int64_t div(int64_t k, int64_t* rem) const {
+    int64_t q = static_cast<int64_t>(static_cast<double>(k) * inv);
+    int64_t r = k - q * d;
+    if (r < 0) {
+      --q;
+      r += d;
+    } else if (r >= d) {
+      ++q;
+      r -= d;
+    }
+    *rem = r;
+    return q;
+  }
+};
+
 template <int CC, typename scalar_t>
 inline void copy_row(scalar_t* out, const scalar_t* row, int64_t c) {
   if (CC > 0) {
@@ -349,7 +362,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
   // faults than the work itself.
   thread_local Workspace ws;
 
-  auto _t0 = std::chrono::steady_clock::now();
   at::Tensor point_voxel = OutputPool::empty({n}, points.options().dtype(at::kLong));
   int64_t* pv = point_voxel.data_ptr<int64_t>();
   const int64_t f = reduce == kCount ? 1 : (reduce == kPad ? max_points * c : c);
@@ -403,14 +415,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       });
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) valid += chunk_valid[chunk];
       as.table = KeyTable<K>::make(table_buf, std::min(valid, cap));
-      VT("keys");
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
         nonfinite += chunk_nonfinite[chunk];
         as.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk]);
       }
-      VT("assign");
       as.clear_table();
-      VT("clear");
       over_voxels = as.over_voxels;
       over_points = as.over_points;
       const int64_t nv = as.nv;
@@ -436,47 +445,64 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         row_key = sk;
       }
 
-      VT("sort");
       // 3. Outputs.  Every element is written exactly once (padding zeros included).
       coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
-      feats = (std::getenv("VOXV") && std::getenv("VOXV")[0]=='1') ? at::empty({nv, f}, points.options()) : OutputPool::empty({nv, f}, points.options());
+      feats = OutputPool::empty({nv, f}, points.options());
       counts = at::empty({nv}, points.options().dtype(at::kInt));
       int32_t* cp = coords.data_ptr<int32_t>();
       int32_t* cnt = counts.data_ptr<int32_t>();
       scalar_t* fp = feats.data_ptr<scalar_t>();
+      const bool fast_decode = max_key < (uint64_t(1) << 52);
+      const FastDiv dz(grid.Z), dy(grid.Y), dx(grid.X);
       at::parallel_for(0, nv, 4096, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
           const int64_t v = row_voxel ? row_voxel[r] : r;
-          grid.decode(static_cast<int64_t>(row_key[r]), cp + 4 * r);
+          if (fast_decode) {
+            int64_t key = static_cast<int64_t>(row_key[r]), rem;
+            key = dz.div(key, &rem);
+            cp[4 * r + 3] = static_cast<int32_t>(rem);
+            key = dy.div(key, &rem);
+            cp[4 * r + 2] = static_cast<int32_t>(rem);
+            cp[4 * r + 0] = static_cast<int32_t>(dx.div(key, &rem));
+            cp[4 * r + 1] = static_cast<int32_t>(rem);
+          } else {
+            grid.decode(static_cast<int64_t>(row_key[r]), cp + 4 * r);
+          }
           cnt[r] = vcount[v];
           if (reduce == kCount) fp[r] = static_cast<scalar_t>(vcount[v]);
           if (reduce == kPad) std::fill(fp + r * f + vcount[v] * c, fp + (r + 1) * f, scalar_t(0));
         }
       });
-      VT("alloc+rows");
       auto scatter = [&](auto cc_tag) {
         constexpr int CC = decltype(cc_tag)::value;
         if (reduce == kPad) {  // each kept point has its own slot: any split is race-free
-          at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
-            for (int64_t i = b; i < e; ++i) {
-              int64_t v = pv[i];
-              if (v < 0) continue;
-              if (rank) pv[i] = v = rank[v];
-              copy_row<CC>(fp + v * f + pslot[i] * c, p + i * c, c);
+          at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
+            for (int64_t chunk = cb; chunk < ce; ++chunk) {
+              for (int64_t j = chunk * kChunk; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
+                const int64_t i = idx[j];
+                int64_t v = pv[i];
+                if (v < 0) continue;
+                if (rank) pv[i] = v = rank[v];
+                copy_row<CC>(fp + v * f + pslot[i] * c, p + i * c, c);
+              }
             }
           });
           return;
         }
         if (reduce == kCount) {
           if (rank) {
-            for (int64_t i = 0; i < n; ++i) {
-              if (pv[i] >= 0) pv[i] = rank[pv[i]];
-            }
+            at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
+              for (int64_t i = b; i < e; ++i) {
+                if (pv[i] >= 0) pv[i] = rank[pv[i]];
+              }
+            });
           }
           return;
         }
         // Reductions in input order inside each voxel (the first kept point initialises the row).
-        for (int64_t i = 0; i < n; ++i) {
+        for (int64_t j = 0, chunk = 0; chunk < num_chunks; ++chunk, j = chunk * kChunk) {
+         for (; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
+          const int64_t i = idx[j];
           int64_t v = pv[i];
           if (v < 0) continue;
           if (rank) pv[i] = v = rank[v];
@@ -498,6 +524,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
             default:  // kFirst
               break;
           }
+         }
         }
         if (reduce == kMean) {
           at::parallel_for(0, nv, 4096, [&](int64_t b, int64_t e) {
@@ -514,7 +541,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       } else {
         scatter(std::integral_constant<int, 0>());
       }
-      VT("scatter");
     };
     if (max_key < UINT32_MAX) {
       run(uint32_t(0), ws.key32, ws.table32, ws.vkey32, ws.skey32, ws.skey32_tmp);
@@ -525,8 +551,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
 
   const int64_t outside = n - nonfinite - valid;
   at::Tensor drops = at::tensor({nonfinite, outside, over_voxels, over_points}, points.options().dtype(at::kLong));
-  VT("end");
-  if (std::getenv("VOXPROF")) std::fprintf(stderr, "\n");
   return {coords, feats, point_voxel, counts, drops};
 }
 
