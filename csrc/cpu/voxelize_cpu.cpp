@@ -179,8 +179,10 @@ struct Assign {
   // Points idx[0, m) (valid, in input order) with keys key[0, m).
   void add(const K* key, const int32_t* idx, int64_t m) {
     int64_t ov = 0, op = 0;
+    constexpr int64_t kAhead = 16;  // the table is larger than L2: fetch the slots of later points early
     for (int64_t j = 0; j < m; ++j) {
       const K k = key[j];
+      if (j + kAhead < m) __builtin_prefetch(table.slots + 2 * table.home(key[j + kAhead]));
       const int64_t i = idx[j];
       const uint64_t h = table.home(k);
       int64_t v;
