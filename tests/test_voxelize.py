@@ -398,6 +398,26 @@ def test_op_paths_match_reference_with_1_and_2_threads(reduce, order_by_first, m
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("reduce", ["mean", "max", "first"])
+@pytest.mark.parametrize("order_by_first", [True, False])
+def test_op_without_max_points_matches_reference(reduce, order_by_first):
+    """Unlimited points per voxel: the path that ranks points in their voxel instead of listing them."""
+    from sparseconv.reference import voxelize_reference
+
+    pts = torch.from_numpy(lidar_like(70000, seed=17))
+    batch = torch.from_numpy(np.random.default_rng(17).integers(0, 2, len(pts)))
+    args = (pts, batch, (0.5, 0.5, 0.5), (-30, -30, -4), (120, 120, 12), 2, -1, 3000, reduce, order_by_first)
+    outs = _both_thread_counts(lambda: ops.voxelize(*args))
+    for got in outs:
+        for a, b in zip(got, voxelize_reference(*args)):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 def test_padded_outputs_are_independent_across_calls():
     """Large outputs come from a pool of reused blocks: a result still referenced is never overwritten."""
     pts = torch.from_numpy(lidar_like(60000, seed=14))

@@ -42,7 +42,7 @@ Reduce parse_reduce(c10::string_view r) {
 struct Workspace {
   std::vector<uint32_t> key32, table32, vkey32, skey32, skey32_tmp;
   std::vector<uint64_t> key64, table64, vkey64, skey64, skey64_tmp;
-  std::vector<int32_t> idx, pslot, vcount, vslot, sv, sv_tmp, rank;
+  std::vector<int32_t> idx, pslot, vpts, vcount, vslot, sv, sv_tmp, rank;
   std::vector<int64_t> chunk_valid, chunk_nonfinite, hist;
 };
 
@@ -148,7 +148,8 @@ struct KeyMaker {
 template <typename K>
 struct Assign {
   int64_t* pv;       // [n] voxel id or -1
-  int32_t* pslot;    // [n] rank of a kept point in its voxel
+  int32_t* pslot;    // [n] rank of a kept point in its voxel (when vpts is null)
+  int32_t* vpts;     // [cap * max_points] or null: the kept points of voxel v at v * max_points
   K* vkey;           // [cap] key of voxel v
   int32_t* vcount;   // [cap] kept points of voxel v
   int32_t* vslot;    // [cap] table slot of voxel v
@@ -201,7 +202,11 @@ struct Assign {
       vcount[v] = s + keep;
       op += !keep;
       pv[i] = keep ? v : -1;
-      pslot[i] = s;
+      if (!vpts) {
+        pslot[i] = s;
+      } else if (keep) {
+        vpts[v * max_points + s] = static_cast<int32_t>(i);
+      }
     }
     over_voxels += ov;
     over_points += op;
@@ -382,7 +387,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       // 1. Voxel ids in order of first appearance: one pass over the points in input order.
       Assign<K> as;
       as.pv = pv;
-      as.pslot = cpu::scratch(ws.pslot, n);
       as.vkey = cpu::scratch(vkey_buf, cap);
       as.vcount = cpu::scratch(ws.vcount, cap);
       as.vslot = cpu::scratch(ws.vslot, cap);
@@ -417,6 +421,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       });
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) valid += chunk_valid[chunk];
       as.table = KeyTable<K>::make(table_buf, std::min(valid, cap));
+      // Rows in first-appearance order with a small max_points: the points of each voxel are
+      // listed in a [voxel, max_points] table and the rows written voxel by voxel, sequentially
+      // (A/B: ~8% faster for the padded layout).  Otherwise each point records its rank in its
+      // voxel and the points are scattered into the rows (faster when the rows are in key
+      // order: the voxel-by-voxel pass then writes rows randomly, ~10-20% slower).
+      const bool listed = order_by_first && max_points >= 0 &&
+                          std::min(valid, cap) * max_points <= (int64_t(1) << 24);
+      as.vpts = listed ? cpu::scratch(ws.vpts, std::min(valid, cap) * max_points) : nullptr;
+      as.pslot = listed ? nullptr : cpu::scratch(ws.pslot, n);
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
         nonfinite += chunk_nonfinite[chunk];
         as.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk]);
@@ -471,10 +484,60 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
             grid.decode(static_cast<int64_t>(row_key[r]), cp + 4 * r);
           }
           cnt[r] = vcount[v];
+          if (listed) continue;
           if (reduce == kCount) fp[r] = static_cast<scalar_t>(vcount[v]);
           if (reduce == kPad) std::fill(fp + r * f + vcount[v] * c, fp + (r + 1) * f, scalar_t(0));
         }
       });
+      auto by_voxel = [&](auto cc_tag) {
+        constexpr int CC = decltype(cc_tag)::value;
+        const int64_t cols = CC > 0 ? CC : c;
+        // Row rank[v] from the listed points of voxel v, in input order; each point is in one
+        // voxel, so voxels (and their points' point_voxel entries) split over threads freely.
+        at::parallel_for(0, nv, 2048, [&](int64_t b, int64_t e) {
+          for (int64_t v = b; v < e; ++v) {  // in voxel-id order: the lists are read sequentially
+            const int64_t r = rank ? rank[v] : v;
+            const int64_t m = vcount[v];
+            const int32_t* list = as.vpts + v * max_points;
+            scalar_t* out = fp + r * f;
+            if (rank) {
+              for (int64_t s = 0; s < m; ++s) pv[list[s]] = r;
+            }
+            switch (reduce) {
+              case kPad:
+                for (int64_t s = 0; s < m; ++s) copy_row<CC>(out + s * cols, p + list[s] * cols, c);
+                std::fill(out + m * cols, out + f, scalar_t(0));
+                break;
+              case kCount:
+                out[0] = static_cast<scalar_t>(m);
+                break;
+              case kFirst:
+                copy_row<CC>(out, p + list[0] * cols, c);
+                break;
+              case kMax:
+                copy_row<CC>(out, p + list[0] * cols, c);
+                for (int64_t s = 1; s < m; ++s) {
+                  const scalar_t* row = p + list[s] * cols;
+                  for (int64_t k = 0; k < cols; ++k) out[k] = std::max(out[k], row[k]);
+                }
+                break;
+              case kMean:
+              case kSum: {
+                copy_row<CC>(out, p + list[0] * cols, c);
+                for (int64_t s = 1; s < m; ++s) {
+                  const scalar_t* row = p + list[s] * cols;
+                  for (int64_t k = 0; k < cols; ++k) out[k] = out[k] + row[k];
+                }
+                if (reduce == kMean) {
+                  const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(m);
+                  for (int64_t k = 0; k < cols; ++k) out[k] *= inv;
+                }
+                break;
+              }
+            }
+          }
+        });
+      };
       auto scatter = [&](auto cc_tag) {
         constexpr int CC = decltype(cc_tag)::value;
         if (reduce == kPad) {  // each kept point has its own slot: any split is race-free
@@ -538,7 +601,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           });
         }
       };
-      if (c == 4) {
+      if (listed && c == 4) {
+        by_voxel(std::integral_constant<int, 4>());
+      } else if (listed) {
+        by_voxel(std::integral_constant<int, 0>());
+      } else if (c == 4) {
         scatter(std::integral_constant<int, 4>());
       } else {
         scatter(std::integral_constant<int, 0>());
