@@ -44,6 +44,8 @@ struct Workspace {
   std::vector<uint64_t> key64, table64, vkey64, skey64, skey64_tmp;
   std::vector<int32_t> idx, pslot, vpts, vcount, vslot, sv, sv_tmp, rank;
   std::vector<int64_t> chunk_valid, chunk_nonfinite, hist;
+  std::vector<float> accf;
+  std::vector<double> accd;
 };
 
 // Open-addressing hash table (linear probing, power-of-two capacity) from a voxel key to its
@@ -148,8 +150,6 @@ struct KeyMaker {
 template <typename K>
 struct Assign {
   int64_t* pv;       // [n] voxel id or -1
-  int32_t* pslot;    // [n] rank of a kept point in its voxel (when vpts is null)
-  int32_t* vpts;     // [cap * max_points] or null: the kept points of voxel v at v * max_points
   K* vkey;           // [cap] key of voxel v
   int32_t* vcount;   // [cap] kept points of voxel v
   int32_t* vslot;    // [cap] table slot of voxel v
@@ -177,8 +177,10 @@ struct Assign {
     }
   }
 
-  // Points idx[0, m) (valid, in input order) with keys key[0, m).
-  void add(const K* key, const int32_t* idx, int64_t m) {
+  // Points idx[0, m) (valid, in input order) with keys key[0, m); on_point(i, v, s, kept) is
+  // called for each point that has a voxel (s: its rank among the voxel's points so far).
+  template <typename OnPoint>
+  void add(const K* key, const int32_t* idx, int64_t m, const OnPoint& on_point) {
     int64_t ov = 0, op = 0;
     constexpr int64_t kAhead = 16;  // the table is larger than L2: fetch the slots of later points early
     for (int64_t j = 0; j < m; ++j) {
@@ -202,11 +204,7 @@ struct Assign {
       vcount[v] = s + keep;
       op += !keep;
       pv[i] = keep ? v : -1;
-      if (!vpts) {
-        pslot[i] = s;
-      } else if (keep) {
-        vpts[v * max_points + s] = static_cast<int32_t>(i);
-      }
+      on_point(i, v, s, keep);
     }
     over_voxels += ov;
     over_points += op;
@@ -322,6 +320,15 @@ inline void copy_row(scalar_t* out, const scalar_t* row, int64_t c) {
   }
 }
 
+template <typename scalar_t>
+std::vector<scalar_t>& acc_buf(Workspace& ws) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    return ws.accf;
+  } else {
+    return ws.accd;
+  }
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
@@ -421,26 +428,80 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       });
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) valid += chunk_valid[chunk];
       as.table = KeyTable<K>::make(table_buf, std::min(valid, cap));
-      // Rows in first-appearance order with a small max_points: the points of each voxel are
-      // listed in a [voxel, max_points] table and the rows written voxel by voxel, sequentially
-      // (A/B: ~8% faster for the padded layout).  Otherwise each point records its rank in its
-      // voxel and the points are scattered into the rows (faster when the rows are in key
-      // order: the voxel-by-voxel pass then writes rows randomly, ~10-20% slower).
-      const bool listed = order_by_first && max_points >= 0 &&
-                          std::min(valid, cap) * max_points <= (int64_t(1) << 24);
-      as.vpts = listed ? cpu::scratch(ws.vpts, std::min(valid, cap) * max_points) : nullptr;
-      as.pslot = listed ? nullptr : cpu::scratch(ws.pslot, n);
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-        nonfinite += chunk_nonfinite[chunk];
-        as.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk]);
+      // What the pass keeps of each point:
+      //  - kList (padded rows in first-appearance order, small max_points): the points of each
+      //    voxel, listed in a [voxel, max_points] table; the rows are then written voxel by voxel,
+      //    sequentially (A/B: ~8% faster than scattering the points).
+      //  - kRank (other padded rows): the rank of each point in its voxel; the points are then
+      //    scattered into the rows.
+      //  - kAccumulate (mean, sum, max, first): the voxel's running reduction, in input order, in
+      //    a [voxel, C] buffer; rows are then copied (and scaled) from it.
+      //  - kNone (count).
+      enum Mode { kList, kRank, kAccumulate, kNone };
+      const int64_t max_nv = std::min(valid, cap);
+      const Mode mode = reduce == kCount ? kNone
+                        : reduce != kPad ? kAccumulate
+                        : (order_by_first && max_nv * max_points <= (int64_t(1) << 24)) ? kList
+                                                                                        : kRank;
+      int32_t* vpts = mode == kList ? cpu::scratch(ws.vpts, max_nv * max_points) : nullptr;
+      int32_t* pslot = mode == kRank ? cpu::scratch(ws.pslot, n) : nullptr;
+      scalar_t* acc = mode == kAccumulate ? cpu::scratch(acc_buf<scalar_t>(ws), max_nv * c) : nullptr;
+      auto assign_all = [&](const auto& on_point) {
+        for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+          as.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk], on_point);
+        }
+      };
+      auto accumulate = [&](auto cc_tag) {
+        constexpr int CC = decltype(cc_tag)::value;
+        const int64_t cols = CC > 0 ? CC : c;
+        assign_all([&](int64_t i, int64_t v, int32_t s, bool keep) {
+          if (!keep) return;
+          const scalar_t* row = p + i * cols;
+          scalar_t* a = acc + v * cols;
+          if (s == 0) {
+            copy_row<CC>(a, row, c);
+            return;
+          }
+          switch (reduce) {
+            case kMax:
+              for (int64_t k = 0; k < cols; ++k) a[k] = std::max(a[k], row[k]);
+              break;
+            case kMean:
+            case kSum:
+              for (int64_t k = 0; k < cols; ++k) a[k] = a[k] + row[k];
+              break;
+            default:  // kFirst
+              break;
+          }
+        });
+      };
+      switch (mode) {
+        case kList:
+          assign_all([&](int64_t i, int64_t v, int32_t s, bool keep) {
+            if (keep) vpts[v * max_points + s] = static_cast<int32_t>(i);
+          });
+          break;
+        case kRank:
+          assign_all([&](int64_t i, int64_t, int32_t s, bool) { pslot[i] = s; });
+          break;
+        case kAccumulate:
+          if (c == 4) {
+            accumulate(std::integral_constant<int, 4>());
+          } else {
+            accumulate(std::integral_constant<int, 0>());
+          }
+          break;
+        case kNone:
+          assign_all([](int64_t, int64_t, int32_t, bool) {});
+          break;
       }
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) nonfinite += chunk_nonfinite[chunk];
       as.clear_table();
       over_voxels = as.over_voxels;
       over_points = as.over_points;
       const int64_t nv = as.nv;
       const K* vkey = as.vkey;
       const int32_t* vcount = as.vcount;
-      const int32_t* pslot = as.pslot;
 
       // 2. Output order: first appearance (the ids), or (batch, x, y, z) = key order.
       const int32_t* row_voxel = nullptr;  // output row -> voxel id (null: identity)
@@ -469,6 +530,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       scalar_t* fp = feats.data_ptr<scalar_t>();
       const bool fast_decode = max_key < (uint64_t(1) << 52);
       const FastDiv dz(grid.Z), dy(grid.Y), dx(grid.X);
+      // Per row: coordinates, count, and the features unless written from the points below.
       at::parallel_for(0, nv, 4096, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; ++r) {
           const int64_t v = row_voxel ? row_voxel[r] : r;
@@ -483,64 +545,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           } else {
             grid.decode(static_cast<int64_t>(row_key[r]), cp + 4 * r);
           }
-          cnt[r] = vcount[v];
-          if (listed) continue;
-          if (reduce == kCount) fp[r] = static_cast<scalar_t>(vcount[v]);
-          if (reduce == kPad) std::fill(fp + r * f + vcount[v] * c, fp + (r + 1) * f, scalar_t(0));
+          const int32_t m = vcount[v];
+          cnt[r] = m;
+          scalar_t* out = fp + r * f;
+          switch (mode) {
+            case kNone:
+              out[0] = static_cast<scalar_t>(m);
+              break;
+            case kRank:
+              std::fill(out + m * c, out + f, scalar_t(0));
+              break;
+            case kAccumulate:
+              std::copy(acc + v * c, acc + (v + 1) * c, out);
+              if (reduce == kMean) {
+                const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(m);
+                for (int64_t k = 0; k < c; ++k) out[k] *= inv;
+              }
+              break;
+            case kList:
+              break;
+          }
         }
       });
-      auto by_voxel = [&](auto cc_tag) {
+      // The padded rows from the points; point_voxel in output rows.
+      auto write_padded = [&](auto cc_tag) {
         constexpr int CC = decltype(cc_tag)::value;
         const int64_t cols = CC > 0 ? CC : c;
-        // Row rank[v] from the listed points of voxel v, in input order; each point is in one
-        // voxel, so voxels (and their points' point_voxel entries) split over threads freely.
-        at::parallel_for(0, nv, 2048, [&](int64_t b, int64_t e) {
-          for (int64_t v = b; v < e; ++v) {  // in voxel-id order: the lists are read sequentially
-            const int64_t r = rank ? rank[v] : v;
-            const int64_t m = vcount[v];
-            const int32_t* list = as.vpts + v * max_points;
-            scalar_t* out = fp + r * f;
-            if (rank) {
-              for (int64_t s = 0; s < m; ++s) pv[list[s]] = r;
+        if (mode == kList) {  // voxel by voxel (the rows are the voxel ids here)
+          at::parallel_for(0, nv, 2048, [&](int64_t b, int64_t e) {
+            for (int64_t v = b; v < e; ++v) {
+              const int64_t m = vcount[v];
+              const int32_t* list = vpts + v * max_points;
+              scalar_t* out = fp + v * f;
+              for (int64_t s = 0; s < m; ++s) copy_row<CC>(out + s * cols, p + list[s] * cols, c);
+              std::fill(out + m * cols, out + f, scalar_t(0));
             }
-            switch (reduce) {
-              case kPad:
-                for (int64_t s = 0; s < m; ++s) copy_row<CC>(out + s * cols, p + list[s] * cols, c);
-                std::fill(out + m * cols, out + f, scalar_t(0));
-                break;
-              case kCount:
-                out[0] = static_cast<scalar_t>(m);
-                break;
-              case kFirst:
-                copy_row<CC>(out, p + list[0] * cols, c);
-                break;
-              case kMax:
-                copy_row<CC>(out, p + list[0] * cols, c);
-                for (int64_t s = 1; s < m; ++s) {
-                  const scalar_t* row = p + list[s] * cols;
-                  for (int64_t k = 0; k < cols; ++k) out[k] = std::max(out[k], row[k]);
-                }
-                break;
-              case kMean:
-              case kSum: {
-                copy_row<CC>(out, p + list[0] * cols, c);
-                for (int64_t s = 1; s < m; ++s) {
-                  const scalar_t* row = p + list[s] * cols;
-                  for (int64_t k = 0; k < cols; ++k) out[k] = out[k] + row[k];
-                }
-                if (reduce == kMean) {
-                  const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(m);
-                  for (int64_t k = 0; k < cols; ++k) out[k] *= inv;
-                }
-                break;
-              }
-            }
-          }
-        });
-      };
-      auto scatter = [&](auto cc_tag) {
-        constexpr int CC = decltype(cc_tag)::value;
-        if (reduce == kPad) {  // each kept point has its own slot: any split is race-free
+          });
+        } else {  // each kept point has its own slot: any split is race-free
           at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
             for (int64_t chunk = cb; chunk < ce; ++chunk) {
               for (int64_t j = chunk * kChunk; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
@@ -548,67 +589,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
                 int64_t v = pv[i];
                 if (v < 0) continue;
                 if (rank) pv[i] = v = rank[v];
-                copy_row<CC>(fp + v * f + pslot[i] * c, p + i * c, c);
+                copy_row<CC>(fp + v * f + pslot[i] * cols, p + i * cols, c);
               }
-            }
-          });
-          return;
-        }
-        if (reduce == kCount) {
-          if (rank) {
-            at::parallel_for(0, n, 1 << 15, [&](int64_t b, int64_t e) {
-              for (int64_t i = b; i < e; ++i) {
-                if (pv[i] >= 0) pv[i] = rank[pv[i]];
-              }
-            });
-          }
-          return;
-        }
-        // Reductions in input order inside each voxel (the first kept point initialises the row).
-        for (int64_t j = 0, chunk = 0; chunk < num_chunks; ++chunk, j = chunk * kChunk) {
-         for (; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
-          const int64_t i = idx[j];
-          int64_t v = pv[i];
-          if (v < 0) continue;
-          if (rank) pv[i] = v = rank[v];
-          const scalar_t* row = p + i * c;
-          scalar_t* out = fp + v * f;
-          const int64_t cols = CC > 0 ? CC : c;
-          if (pslot[i] == 0) {
-            copy_row<CC>(out, row, c);
-            continue;
-          }
-          switch (reduce) {
-            case kMax:
-              for (int64_t k = 0; k < cols; ++k) out[k] = std::max(out[k], row[k]);
-              break;
-            case kMean:
-            case kSum:
-              for (int64_t k = 0; k < cols; ++k) out[k] = out[k] + row[k];
-              break;
-            default:  // kFirst
-              break;
-          }
-         }
-        }
-        if (reduce == kMean) {
-          at::parallel_for(0, nv, 4096, [&](int64_t b, int64_t e) {
-            for (int64_t r = b; r < e; ++r) {
-              const int64_t v = row_voxel ? row_voxel[r] : r;
-              const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(vcount[v]);
-              for (int64_t k = 0; k < c; ++k) fp[r * f + k] *= inv;
             }
           });
         }
       };
-      if (listed && c == 4) {
-        by_voxel(std::integral_constant<int, 4>());
-      } else if (listed) {
-        by_voxel(std::integral_constant<int, 0>());
-      } else if (c == 4) {
-        scatter(std::integral_constant<int, 4>());
-      } else {
-        scatter(std::integral_constant<int, 0>());
+      if (reduce == kPad) {
+        if (c == 4) {
+          write_padded(std::integral_constant<int, 4>());
+        } else {
+          write_padded(std::integral_constant<int, 0>());
+        }
+      } else if (rank) {
+        at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
+          for (int64_t chunk = cb; chunk < ce; ++chunk) {
+            for (int64_t j = chunk * kChunk; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
+              const int64_t i = idx[j];
+              if (pv[i] >= 0) pv[i] = rank[pv[i]];
+            }
+          }
+        });
       }
     };
     if (max_key < UINT32_MAX) {
