@@ -216,7 +216,7 @@ struct Assign {
   }
 };
 
-// Output buffers.  Fresh multi-megabyte allocations are page-faulted in on every call whenever
+// Output buffers.  Fresh large allocations are page-faulted in on every call whenever
 // the C allocator has returned the memory to the OS in between (it does after any larger
 // allocation is freed), and on small VMs faulting in the padded output costs more than computing
 // it.  Large outputs are therefore carved from a small process-wide pool of blocks: a block goes
@@ -225,7 +225,7 @@ struct Assign {
 // a new buffer and frees the block the same way).  At most kPoolBytes are kept.
 class OutputPool {
  public:
-  static constexpr size_t kMinBytes = size_t(256) << 10;
+  static constexpr size_t kMinBytes = size_t(64) << 10;
   static constexpr size_t kPoolBytes = size_t(64) << 20;
 
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -522,9 +522,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       }
 
       // 3. Outputs.  Every element is written exactly once (padding zeros included).
-      coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
+      coords = OutputPool::empty({nv, 4}, points.options().dtype(at::kInt));
       feats = OutputPool::empty({nv, f}, points.options());
-      counts = at::empty({nv}, points.options().dtype(at::kInt));
+      counts = OutputPool::empty({nv}, points.options().dtype(at::kInt));
       int32_t* cp = coords.data_ptr<int32_t>();
       int32_t* cnt = counts.data_ptr<int32_t>();
       scalar_t* fp = feats.data_ptr<scalar_t>();
