@@ -10,6 +10,12 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define SPARSECONV_VOXELIZE_AVX2 1
+#else
+#define SPARSECONV_VOXELIZE_AVX2 0
+#endif
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -144,6 +150,62 @@ struct KeyMaker {
     return scalar_key(i);
   }
 };
+
+#if SPARSECONV_VOXELIZE_AVX2
+bool cpu_has_avx2() {
+  static const bool has = __builtin_cpu_supports("avx2");
+  return has;
+}
+
+// KeyMaker::key for float points with 4 columns and 32-bit keys, two points per 256-bit step
+// (the build targets baseline x86-64; this runs only where the CPU has AVX2).  The same
+// arithmetic: one correctly rounded division per axis, the same range tests, and the key
+// ((b * X + x) * Y + y) * Z + z = b * XYZ + x * YZ + y * Z + z in 32-bit lanes (exact: keys < 2^32).
+struct Float4KeysAvx2 {
+  const float* p;
+  const int64_t* bp;
+  float lo[3], vs[3];
+  int32_t g[3];
+  uint32_t yz, z, xyz;
+
+  // Points [begin, end) (an even count); returns the new end of the compacted keys.
+  __attribute__((target("avx2"))) int64_t run(int64_t begin, int64_t end, uint32_t* key, int32_t* idx, int64_t j,
+                                              int64_t* pv, int64_t* nonfinite) const {
+    const __m256 lo8 = _mm256_setr_ps(lo[0], lo[1], lo[2], 0.f, lo[0], lo[1], lo[2], 0.f);
+    const __m256 vs8 = _mm256_setr_ps(vs[0], vs[1], vs[2], 1.f, vs[0], vs[1], vs[2], 1.f);
+    const __m256 zero = _mm256_setzero_ps(), lim = _mm256_set1_ps(2147483648.f);
+    const __m256i g8 = _mm256_setr_epi32(g[0], g[1], g[2], INT32_MAX, g[0], g[1], g[2], INT32_MAX);
+    const __m256i mul8 = _mm256_setr_epi32(int32_t(yz), int32_t(z), 1, 0, int32_t(yz), int32_t(z), 1, 0);
+    int64_t nf = 0;
+    for (int64_t i = begin; i < end; i += 2) {
+      const __m256 t = _mm256_div_ps(_mm256_sub_ps(_mm256_loadu_ps(p + 4 * i), lo8), vs8);
+      const __m256 ok = _mm256_and_ps(_mm256_cmp_ps(t, zero, _CMP_GE_OQ), _mm256_cmp_ps(t, lim, _CMP_LT_OQ));
+      const __m256i q = _mm256_cvttps_epi32(t);
+      const __m256i in = _mm256_and_si256(_mm256_castps_si256(ok), _mm256_cmpgt_epi32(g8, q));
+      const int mask = _mm256_movemask_ps(_mm256_castsi256_ps(in));
+      const __m256i prod = _mm256_mullo_epi32(q, mul8);
+      const __m256i s1 = _mm256_add_epi32(prod, _mm256_shuffle_epi32(prod, _MM_SHUFFLE(2, 3, 0, 1)));
+      const __m256i s2 = _mm256_add_epi32(s1, _mm256_shuffle_epi32(s1, _MM_SHUFFLE(1, 0, 3, 2)));
+      const uint32_t k[2] = {static_cast<uint32_t>(_mm256_cvtsi256_si32(s2)),
+                             static_cast<uint32_t>(_mm256_extract_epi32(s2, 4))};
+      for (int u = 0; u < 2; ++u) {
+        const int64_t ii = i + u;
+        key[j] = k[u] + (bp ? static_cast<uint32_t>(bp[ii]) * xyz : 0u);
+        idx[j] = static_cast<int32_t>(ii);
+        if (C10_LIKELY(((mask >> (4 * u)) & 7) == 7)) {
+          ++j;
+        } else {
+          const float* r = p + 4 * ii;
+          nf += !(std::isfinite(r[0]) && std::isfinite(r[1]) && std::isfinite(r[2]));
+          pv[ii] = -1;
+        }
+      }
+    }
+    *nonfinite += nf;
+    return j;
+  }
+};
+#endif
 
 // The voxels of the valid points in input order: a voxel id on first sight (the first max_voxels
 // voxels only), each point's voxel (or -1) and its slot (rank among the voxel's kept points).
@@ -407,11 +469,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       int32_t* idx = cpu::scratch(ws.idx, n);
       int64_t* chunk_valid = cpu::scratch(ws.chunk_valid, num_chunks);
       int64_t* chunk_nonfinite = cpu::scratch(ws.chunk_nonfinite, num_chunks);
+#if SPARSECONV_VOXELIZE_AVX2
+      const bool avx2_keys = std::is_same<scalar_t, float>::value && std::is_same<K, uint32_t>::value && c == 4 &&
+                             cpu_has_avx2();
+#endif
       at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
-          int64_t nf = 0, j = chunk * kChunk;
+          int64_t nf = 0, j = chunk * kChunk, i = chunk * kChunk;
           const int64_t end = std::min(n, (chunk + 1) * kChunk);
-          for (int64_t i = chunk * kChunk; i < end; ++i) {
+#if SPARSECONV_VOXELIZE_AVX2
+          if (avx2_keys) {
+            Float4KeysAvx2 a{reinterpret_cast<const float*>(p), bp, {float(km.lo[0]), float(km.lo[1]), float(km.lo[2])},
+                             {float(km.vs[0]), float(km.vs[1]), float(km.vs[2])},
+                             {int32_t(grid.X), int32_t(grid.Y), int32_t(grid.Z)},
+                             static_cast<uint32_t>(grid.Y * grid.Z), static_cast<uint32_t>(grid.Z),
+                             static_cast<uint32_t>(grid.X * grid.Y * grid.Z)};
+            const int64_t pairs_end = i + (end - i) / 2 * 2;
+            j = a.run(i, pairs_end, reinterpret_cast<uint32_t*>(key), idx, j, pv, &nf);
+            i = pairs_end;
+          }
+#endif
+          for (; i < end; ++i) {
             const K k = km.key(i);
             key[j] = k;
             idx[j] = static_cast<int32_t>(i);
@@ -513,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         std::copy(vkey, vkey + nv, sk);
         for (int64_t v = 0; v < nv; ++v) sv[v] = static_cast<int32_t>(v);
         cpu::radix_sort_pairs(sk, sv, cpu::scratch(skey_tmp_buf, nv), cpu::scratch(ws.sv_tmp, nv), nv,
-                              cpu::bit_width(max_key), ws.hist);
+                              cpu::bit_width(max_key), ws.hist, 14);
         int32_t* rk = cpu::scratch(ws.rank, nv);
         for (int64_t r = 0; r < nv; ++r) rk[sv[r]] = static_cast<int32_t>(r);
         row_voxel = sv;
