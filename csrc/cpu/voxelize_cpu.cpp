@@ -244,7 +244,9 @@ struct Assign {
   template <typename OnPoint>
   void add(const K* key, const int32_t* idx, int64_t m, const OnPoint& on_point) {
     int64_t ov = 0, op = 0;
-    constexpr int64_t kAhead = 16;  // the table is larger than L2: fetch the slots of later points early
+    // The table is about as large as L2 and cold on entry: fetch the slots of later points early
+    // (A/B: 16 points ahead cut the pass by ~25%, 40 by another ~5%).
+    constexpr int64_t kAhead = 40;
     for (int64_t j = 0; j < m; ++j) {
       const K k = key[j];
       if (j + kAhead < m) __builtin_prefetch(table.slots + 2 * table.home(key[j + kAhead]));
