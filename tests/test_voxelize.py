@@ -398,6 +398,29 @@ def test_op_paths_match_reference_with_1_and_2_threads(reduce, order_by_first, m
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("reduce", ["pad", "mean", "count"])
+@pytest.mark.parametrize("order_by_first", [True, False])
+@pytest.mark.parametrize("max_voxels", [-1, 60000])
+def test_large_input_parallel_passes_match_reference(reduce, order_by_first, max_voxels):
+    """Enough points (> 262144) and voxels (> 131072) for every pass to split over threads."""
+    from sparseconv.reference import voxelize_reference
+
+    rng = np.random.default_rng(18)
+    pts = torch.from_numpy(rng.uniform((-30, -30, -3, 0), (30, 30, 3, 1), (330000, 4)).astype(np.float32))
+    batch = torch.from_numpy(np.repeat(np.arange(2), len(pts) // 2))
+    args = (pts, batch, (0.1, 0.1, 0.2), (-30, -30, -3), (600, 600, 30), 2, 2, max_voxels, reduce, order_by_first)
+    outs = _both_thread_counts(lambda: ops.voxelize(*args))
+    assert outs[0][0].shape[0] > (131072 if max_voxels < 0 else 59999)
+    for got in outs:
+        for a, b in zip(got, voxelize_reference(*args)):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("reduce", ["mean", "max", "first"])
 @pytest.mark.parametrize("order_by_first", [True, False])
 def test_op_without_max_points_matches_reference(reduce, order_by_first):
