@@ -356,3 +356,105 @@ def test_voxelize_op_is_deterministic_across_threads():
         torch.set_num_threads(before)
     for a, b in zip(*outs):
         assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------- op paths
+def _both_thread_counts(fn):
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outs.append(fn())
+    finally:
+        torch.set_num_threads(before)
+    return outs
+
+
+@pytest.mark.parametrize("reduce", ["pad", "mean", "max", "first", "count"])
+@pytest.mark.parametrize("order_by_first", [True, False])
+@pytest.mark.parametrize("max_voxels", [-1, 4000, 100000])  # no limit, hit, not hit
+def test_op_paths_match_reference_with_1_and_2_threads(reduce, order_by_first, max_voxels):
+    """The op (hash pass, key-order sort, pooled outputs) equals the pure-PyTorch reference, the same on
+    1 and 2 threads, with several batches and enough points for the parallel key pass."""
+    from sparseconv.reference import voxelize_reference
+
+    rng = np.random.default_rng(13)
+    pts = torch.from_numpy(lidar_like(90000, seed=13))
+    pts[rng.choice(len(pts), 50, replace=False), 0] = float("nan")
+    batch = torch.from_numpy(np.sort(rng.integers(0, 3, len(pts))))
+    args = (pts, batch, (0.3, 0.3, 0.3), (-30, -30, -4), (200, 200, 20), 3, 3, max_voxels, reduce, order_by_first)
+    outs = _both_thread_counts(lambda: ops.voxelize(*args))
+    ref = voxelize_reference(*args)
+    if max_voxels == 4000:
+        assert int(outs[0][4][2]) > 0  # the limit is hit
+    for got in outs:
+        for a, b in zip(got, ref):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduce", ["pad", "mean", "count"])
+@pytest.mark.parametrize("order_by_first", [True, False])
+@pytest.mark.parametrize("max_voxels", [-1, 60000])
+def test_large_input_parallel_passes_match_reference(reduce, order_by_first, max_voxels):
+    """Enough points (> 262144) and voxels (> 131072) for every pass to split over threads."""
+    from sparseconv.reference import voxelize_reference
+
+    rng = np.random.default_rng(18)
+    pts = torch.from_numpy(rng.uniform((-30, -30, -3, 0), (30, 30, 3, 1), (330000, 4)).astype(np.float32))
+    batch = torch.from_numpy(np.repeat(np.arange(2), len(pts) // 2))
+    args = (pts, batch, (0.1, 0.1, 0.2), (-30, -30, -3), (600, 600, 30), 2, 2, max_voxels, reduce, order_by_first)
+    outs = _both_thread_counts(lambda: ops.voxelize(*args))
+    assert outs[0][0].shape[0] > (131072 if max_voxels < 0 else 59999)
+    for got in outs:
+        for a, b in zip(got, voxelize_reference(*args)):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "max", "first"])
+@pytest.mark.parametrize("order_by_first", [True, False])
+def test_op_without_max_points_matches_reference(reduce, order_by_first):
+    """Unlimited points per voxel: the path that ranks points in their voxel instead of listing them."""
+    from sparseconv.reference import voxelize_reference
+
+    pts = torch.from_numpy(lidar_like(70000, seed=17))
+    batch = torch.from_numpy(np.random.default_rng(17).integers(0, 2, len(pts)))
+    args = (pts, batch, (0.5, 0.5, 0.5), (-30, -30, -4), (120, 120, 12), 2, -1, 3000, reduce, order_by_first)
+    outs = _both_thread_counts(lambda: ops.voxelize(*args))
+    for got in outs:
+        for a, b in zip(got, voxelize_reference(*args)):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+def test_padded_outputs_are_independent_across_calls():
+    """Large outputs come from a pool of reused blocks: a result still referenced is never overwritten."""
+    pts = torch.from_numpy(lidar_like(60000, seed=14))
+    first = sc.voxelize_padded(pts, (0.2, 0.2, 0.2), (-30, -30, -4, 30, 30, 2), 4)
+    keep = first.voxels.clone(), first.point_to_voxel.clone()
+    for seed in (15, 16):  # other inputs, while `first` is alive
+        other = sc.voxelize_padded(torch.from_numpy(lidar_like(60000, seed=seed)), (0.2, 0.2, 0.2),
+                                   (-30, -30, -4, 30, 30, 2), 4)
+        assert other.voxels.data_ptr() != first.voxels.data_ptr()
+        del other
+    assert torch.equal(first.voxels, keep[0]) and torch.equal(first.point_to_voxel, keep[1])
+    view = first.voxels[:10]
+    del first
+    again = sc.voxelize_padded(pts, (0.2, 0.2, 0.2), (-30, -30, -4, 30, 30, 2), 4)
+    assert torch.equal(view, keep[0][:10]) and torch.equal(again.voxels, keep[0])
+    shared = again.voxels.share_memory_()  # swaps in shared memory: the pooled block is given back
+    assert torch.equal(shared, keep[0])

@@ -32,15 +32,18 @@ T* scratch(std::vector<T>& v, int64_t n) {
 // Sorts keys[0, n) ascending (stable), permuting values alongside, using key_tmp / value_tmp
 // (n elements each) as scratch.  Only the low `bits` bits are examined; passes in which every
 // key has the same digit are skipped.  The sorted data ends in keys / values.
+// max_digit_bits: the widest digit (11: a histogram stays in L1; wider digits mean fewer passes,
+// worth it when n is large against 2^digit).
 template <typename K, typename V>
 void radix_sort_pairs(K* keys, V* values, K* key_tmp, V* value_tmp, int64_t n, int bits,
-                      std::vector<int64_t>& hist) {
+                      std::vector<int64_t>& hist, int max_digit_bits = 11) {
   if (n < 2 || bits <= 0) return;
-  const int passes = (bits + 10) / 11;  // digits of at most 11 bits: a histogram stays in L1
+  const int passes = (bits + max_digit_bits - 1) / max_digit_bits;
   const int digit = (bits + passes - 1) / passes;
   const int64_t buckets = int64_t(1) << digit;
   const int64_t mask = buckets - 1;
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n / 16384));
+  // One chunk (no parallel region) below 2^17 keys: too little work to wait for other threads.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n >> 17));
   const int64_t chunk_len = (n + chunks - 1) / chunks;
   int64_t* h_all = scratch(hist, chunks * buckets);
   K* src_k = keys;
