@@ -21,8 +21,6 @@
 //   Errors (ValueError): points not [N, >= 3] float; batch not [N] integer or outside
 //   [0, batch_size); voxel_size <= 0; a grid too large for 64-bit keys.
 //   Deterministic, independent of the thread count.  Not differentiable.
-//   CPU: outputs of 64 KiB and more are blocks of a process-wide pool (up to 64 MiB kept), reused once
-//   their storage is freed; their storage cannot be resized in place (resize_ to a larger size).
 #pragma once
 
 #include <string>

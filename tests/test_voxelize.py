@@ -375,7 +375,7 @@ def _both_thread_counts(fn):
 @pytest.mark.parametrize("order_by_first", [True, False])
 @pytest.mark.parametrize("max_voxels", [-1, 4000, 100000])  # no limit, hit, not hit
 def test_op_paths_match_reference_with_1_and_2_threads(reduce, order_by_first, max_voxels):
-    """The op (hash pass, key-order sort, pooled outputs) equals the pure-PyTorch reference, the same on
+    """The op (hash pass, key-order sort) equals the pure-PyTorch reference, the same on
     1 and 2 threads, with several batches and enough points for the parallel key pass."""
     from sparseconv.reference import voxelize_reference
 
@@ -442,7 +442,7 @@ def test_op_without_max_points_matches_reference(reduce, order_by_first):
 
 
 def test_padded_outputs_are_independent_across_calls():
-    """Large outputs come from a pool of reused blocks: a result still referenced is never overwritten."""
+    """A result still referenced is never overwritten by later calls (workspaces are reused across calls)."""
     pts = torch.from_numpy(lidar_like(60000, seed=14))
     first = sc.voxelize_padded(pts, (0.2, 0.2, 0.2), (-30, -30, -4, 30, 30, 2), 4)
     keep = first.voxels.clone(), first.point_to_voxel.clone()
@@ -456,5 +456,5 @@ def test_padded_outputs_are_independent_across_calls():
     del first
     again = sc.voxelize_padded(pts, (0.2, 0.2, 0.2), (-30, -30, -4, 30, 30, 2), 4)
     assert torch.equal(view, keep[0][:10]) and torch.equal(again.voxels, keep[0])
-    shared = again.voxels.share_memory_()  # swaps in shared memory: the pooled block is given back
+    shared = again.voxels.share_memory_()
     assert torch.equal(shared, keep[0])

@@ -3,7 +3,6 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <type_traits>
 #include <vector>
 
@@ -280,79 +279,6 @@ struct Assign {
   }
 };
 
-// Output buffers.  Fresh large allocations are page-faulted in on every call whenever
-// the C allocator has returned the memory to the OS in between (it does after any larger
-// allocation is freed), and on small VMs faulting in the padded output costs more than computing
-// it.  Large outputs are therefore carved from a small process-wide pool of blocks: a block goes
-// back to the pool only when the tensor storage that owns it is freed (its deleter runs), so a
-// block is never reused while anything references it (a storage moved to shared memory swaps in
-// a new buffer and frees the block the same way).  At most kPoolBytes are kept.
-class OutputPool {
- public:
-  static constexpr size_t kMinBytes = size_t(64) << 10;
-  static constexpr size_t kPoolBytes = size_t(64) << 20;
-
-  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    size_t bytes = c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
-    for (int64_t s : sizes) bytes *= static_cast<size_t>(s);
-    if (bytes < kMinBytes) return at::empty(sizes, options);
-    void* data = instance().take(bytes);
-    return at::from_blob(
-        data, sizes, [bytes](void* ptr) { instance().give(ptr, bytes); }, options);
-  }
-
- private:
-  struct Block {
-    void* ptr;
-    size_t bytes;
-  };
-  std::mutex mu_;
-  std::vector<Block> free_;
-  size_t free_bytes_ = 0;
-
-  static OutputPool& instance() {
-    static OutputPool* pool = new OutputPool();  // never destroyed: deleters may run at exit
-    return *pool;
-  }
-  // A block of at least `bytes` (the block's size is rounded so that similar requests share it).
-  void* take(size_t& bytes) {
-    bytes = (bytes + (size_t(64) << 10) - 1) & ~((size_t(64) << 10) - 1);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      int best = -1;
-      for (size_t b = 0; b < free_.size(); ++b) {  // smallest block that fits, without wasting half
-        if (free_[b].bytes >= bytes && free_[b].bytes <= 2 * bytes &&
-            (best < 0 || free_[b].bytes < free_[best].bytes)) {
-          best = static_cast<int>(b);
-        }
-      }
-      if (best >= 0) {
-        const Block blk = free_[best];
-        free_.erase(free_.begin() + best);
-        free_bytes_ -= blk.bytes;
-        bytes = blk.bytes;
-        return blk.ptr;
-      }
-    }
-    void* ptr = c10::alloc_cpu(bytes);
-    return ptr;
-  }
-  void give(void* ptr, size_t bytes) {
-    std::vector<void*> release;
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      free_.push_back({ptr, bytes});
-      free_bytes_ += bytes;
-      while (free_bytes_ > kPoolBytes) {  // drop the oldest blocks
-        release.push_back(free_.front().ptr);
-        free_bytes_ -= free_.front().bytes;
-        free_.erase(free_.begin());
-      }
-    }
-    for (void* p : release) c10::free_cpu(p);
-  }
-};
-
 // k / d and k % d for 0 <= k < 2^52 by a multiplication in double: the product is within one of
 // the quotient, and one correction step makes the result exact (decoding a key divides three
 // times; a 64-bit integer division costs tens of cycles).
@@ -440,7 +366,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
   // faults than the work itself.
   thread_local Workspace ws;
 
-  at::Tensor point_voxel = OutputPool::empty({n}, points.options().dtype(at::kLong));
+  at::Tensor point_voxel = at::empty({n}, points.options().dtype(at::kLong));
   int64_t* pv = point_voxel.data_ptr<int64_t>();
   const int64_t f = reduce == kCount ? 1 : (reduce == kPad ? max_points * c : c);
   at::Tensor coords, feats, counts;
@@ -608,9 +534,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       }
 
       // 3. Outputs.  Every element is written exactly once (padding zeros included).
-      coords = OutputPool::empty({nv, 4}, points.options().dtype(at::kInt));
-      feats = OutputPool::empty({nv, f}, points.options());
-      counts = OutputPool::empty({nv}, points.options().dtype(at::kInt));
+      coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
+      feats = at::empty({nv, f}, points.options());
+      counts = at::empty({nv}, points.options().dtype(at::kInt));
       int32_t* cp = coords.data_ptr<int32_t>();
       int32_t* cnt = counts.data_ptr<int32_t>();
       scalar_t* fp = feats.data_ptr<scalar_t>();
