@@ -69,10 +69,40 @@ def test_benchmark_harness_smoke(tmp_path):
                        capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert p.returncode == 0, p.stderr
     data = json.loads(out.read_text())
-    impls = {r["impl"] for r in data["results"]}
+    rows = data["results"]
+    impls = {r["impl"] for r in rows}
     assert {"sparseconv voxelize_padded", "sparseconv voxelize (mean)", "sparseconv forward (fresh)",
-            "sparseconv forward+backward"} <= impls
-    assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in data["results"])
+            "sparseconv forward (cached maps)", "sparseconv forward+backward (fresh)",
+            "sparseconv kernel maps (fresh)"} <= impls
+    assert {r["workload"] for r in rows} == {"voxelize", "layers", "layers-train", "backbone", "backbone-train",
+                                             "minkunet", "minkunet-train", "kmap"}
+    assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in rows)
+    assert all({"gflops_per_s", "mm_fraction", "mm_gflops_per_s", "peak_mb"} <= r.keys() for r in rows)
+    # Every single-layer kind, forward and training, is there (SubM, strided, inverse, max-pool).
+    layer_configs = {r["config"].split(": ", 1)[1].split(",")[0] for r in rows if r["workload"] == "layers"}
+    assert {"SubMConv3d 3^3", "SparseConv3d 3^3 stride 2 padding 1", "SparseMaxPool3d 3^3 stride 2 padding 1",
+            "SparseInverseConv3d 3^3 (inverse of the stride-2 conv)"} == layer_configs
+    ours = [r for r in rows if r["impl"].startswith("sparseconv")]
+    convs = [r for r in ours if r["workload"] in ("layers", "layers-train", "backbone", "backbone-train", "minkunet",
+                                                  "minkunet-train") and "MaxPool" not in r["config"]]
+    assert convs
+    for r in convs:  # useful GFLOP/s and its fraction of torch.mm's, consistent with the medians
+        assert r["gflop"] > 0 and r["mm_gflops_per_s"] > 0
+        assert abs(r["gflops_per_s"] - r["gflop"] / (r["median_ms"] / 1000)) <= 1e-6 * r["gflops_per_s"]
+        assert abs(r["mm_fraction"] - r["gflops_per_s"] / r["mm_gflops_per_s"]) <= 1e-6 * r["mm_fraction"]
+    assert all(r["gflops_per_s"] is None and r["mm_fraction"] is None
+               for r in rows if "MaxPool" in r["config"] or r["workload"] in ("kmap", "voxelize"))
+    floors = [r for r in rows if r["impl"].startswith("torch.mm")]
+    assert floors and all(abs(r["mm_fraction"] - 1) < 1e-9 for r in floors)
+    # Peak memory of one call of every forward implementation, in MB.
+    forward = [r for r in ours if "backward" not in r["impl"]]
+    assert {r["workload"] for r in forward} == {"voxelize", "layers", "backbone", "minkunet", "kmap"}
+    assert all(isinstance(r["peak_mb"], float) and r["peak_mb"] >= 0 for r in forward)
+    assert any(r["peak_mb"] > 0 for r in forward)
+    # The dense SubM peer allocates its dense output (128 x 128 x 40 voxels x 16 channels x 4 B = 40 MiB).
+    dense = [r for r in rows if r["impl"] == "dense conv3d (input already dense)"]
+    assert len(dense) == 1 and dense[0]["peak_mb"] >= 0.9 * 128 * 128 * 40 * 16 * 4 / 2 ** 20
+    assert data["peak_memory_method"]
 
 
 def test_readme_usage_example_runs():

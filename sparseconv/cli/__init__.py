@@ -19,6 +19,7 @@ EPILOG = """examples:
   sparseconv synth --out data/synth --scenes 100 --seed 0 --layout both --workers 2   # simulated, labelled
 
   sparseconv bench --workload voxelize --repeats 30  # timings against spconv, side by side
+  sparseconv bench -w layers -w minkunet --threads 1 # sparse layers and a U-Net vs spconv, dense, torch.mm
 
 run 'sparseconv COMMAND --help' for the options and more examples of each command.
 """
@@ -46,8 +47,11 @@ def _add_bench_parser(sub) -> None:
 
     p = sub.add_parser("bench", help="benchmark sparseconv against spconv and dense baselines (tools/benchmark.py)",
                        description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  sparseconv bench\n  sparseconv bench -w voxelize --input scan.bin "
-                              "--json out.json\n  sparseconv bench --smoke")
+                       epilog="examples:\n  sparseconv bench                                  # everything (long)\n"
+                              "  sparseconv bench -w layers --channels 16 64 --threads 1 --json layers.json\n"
+                              "  sparseconv bench -w backbone -w minkunet -w kmap --input scan.bin --repeats 5\n"
+                              "  sparseconv bench -w voxelize --input scan.bin --json out.json\n"
+                              "  sparseconv bench --smoke --json smoke.json        # CI: tiny, every workload")
     bench.build_parser(p)
     p.set_defaults(func=bench.run)
 
