@@ -76,11 +76,29 @@ else
   BUILD="$(mktemp -d "${TMPDIR:-/tmp}/sparseconv-cuda-build.XXXXXX")"
   trap 'rm -rf "$BUILD"' EXIT
 fi
-mkdir -p "$BUILD/src"
-for p in setup.py pyproject.toml README.md csrc sparseconv models datasets; do
-  [ -e "$ROOT/$p" ] && cp -rp "$ROOT/$p" "$BUILD/src/"
-done
-find "$BUILD/src" -name '_C*.so' -delete
+# Files whose content changed (or are new) are copied with a fresh time stamp, unchanged ones are
+# left alone, files gone from the checkout are removed: a kept build dir rebuilds what changed.
+"$PY" - "$ROOT" "$BUILD/src" <<'PY' || fail "copying the sources to $BUILD/src failed"
+import filecmp, os, shutil, sys
+root, dst = sys.argv[1], sys.argv[2]
+wanted = set()
+for top in ("setup.py", "pyproject.toml", "README.md", "csrc", "sparseconv", "models", "datasets"):
+    src = os.path.join(root, top)
+    paths = [src] if os.path.isfile(src) else [os.path.join(d, f) for d, _, fs in os.walk(src) for f in fs]
+    for path in paths:
+        rel = os.path.relpath(path, root)
+        if "__pycache__" in rel or (os.path.basename(rel).startswith("_C") and rel.endswith(".so")):
+            continue
+        wanted.add(rel)
+        out = os.path.join(dst, rel)
+        if not (os.path.exists(out) and filecmp.cmp(path, out, shallow=False)):
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            shutil.copyfile(path, out)
+for d, _, fs in os.walk(dst):
+    for f in fs:
+        if os.path.relpath(os.path.join(d, f), dst) not in wanted:
+            os.remove(os.path.join(d, f))
+PY
 ls "$BUILD"/src/csrc/cuda/*.cu >/dev/null 2>&1 || fail "no CUDA sources in csrc/cuda/"
 log "building in $BUILD ($(ls "$BUILD"/src/csrc/cuda/*.cu | wc -l) CUDA sources)"
 (
