@@ -29,7 +29,9 @@ def _extensions():
         and (force_cuda or torch.cuda.is_available())
     )
     sources = ["csrc/sparseconv.cpp"] + sorted(glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++20 since 2.13;
+    # torch 2.14's headers no longer compile as C++17).
+    cxx_flags = ["-O3", "-fopenmp"]
     define_macros = []
     if use_cuda:
         if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
@@ -37,7 +39,7 @@ def _extensions():
         ext = CUDAExtension(
             "sparseconv._C",
             sources + cuda_sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
             extra_link_args=["-fopenmp"],
             define_macros=define_macros + [("SPARSECONV_WITH_CUDA", "1")],
         )
