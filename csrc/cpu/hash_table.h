@@ -1,29 +1,17 @@
-// Open-addressing hash table over int64 keys for the CPU kernels.
-// Linear probing from a splitmix64 hash; every probe loop is bounded by the
-// capacity, so a full table is reported (return -1), never an endless loop.
+// Open-addressing hash table over int64 keys for the CPU kernels: the shared
+// layout and lookup (../hash_table_common.h) plus a thread-safe insert.
 #pragma once
 
 #include <cstdint>
 
-#include "../coords.h"
+#include "../hash_table_common.h"
 
 namespace sparseconv {
 namespace cpu {
 
-inline uint64_t mix64(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
-
-inline int64_t table_capacity(int64_t n) {
-  int64_t cap = 16;
-  while (cap < 2 * n) cap <<= 1;
-  return cap;
-}
+using sparseconv::mix64;
+using sparseconv::table_capacity;
+using sparseconv::table_find;
 
 // Thread-safe insert.  Returns the slot holding `key` and sets *existed when
 // the key was already present; returns -1 when the table is full.
@@ -40,19 +28,6 @@ inline int64_t table_insert(int64_t* keys, int64_t cap, int64_t key, bool* exist
       *existed = true;
       return static_cast<int64_t>(slot);
     }
-    slot = (slot + 1) & mask;
-  }
-  return -1;
-}
-
-// Lookup after the build has finished.  Returns the slot or -1.
-inline int64_t table_find(const int64_t* keys, int64_t cap, int64_t key) {
-  const uint64_t mask = static_cast<uint64_t>(cap) - 1;
-  uint64_t slot = mix64(static_cast<uint64_t>(key)) & mask;
-  for (int64_t probe = 0; probe < cap; ++probe) {
-    const int64_t k = keys[slot];
-    if (k == key) return static_cast<int64_t>(slot);
-    if (k == kEmptyKey) return -1;
     slot = (slot + 1) & mask;
   }
   return -1;

@@ -42,8 +42,8 @@ void radix_sort_pairs(K* keys, V* values, K* key_tmp, V* value_tmp, int64_t n, i
   const int digit = (bits + passes - 1) / passes;
   const int64_t buckets = int64_t(1) << digit;
   const int64_t mask = buckets - 1;
-  // One chunk (no parallel region) below 2^17 keys: too little work to wait for other threads.
-  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n >> 17));
+  // One chunk (no parallel region) below 2^15 keys: too little work to wait for other threads.
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), n >> 15));
   const int64_t chunk_len = (n + chunks - 1) / chunks;
   int64_t* h_all = scratch(hist, chunks * buckets);
   K* src_k = keys;

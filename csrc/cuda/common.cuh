@@ -16,6 +16,7 @@
 
 #include "../checks.h"
 #include "../coords.h"
+#include "../hash_table_common.h"
 
 namespace sparseconv {
 namespace cuda {
@@ -75,35 +76,9 @@ inline void index_put_distinct(at::Tensor& out, const at::Tensor& index, const a
 // The same table as the CPU's (csrc/cpu/hash_table.h): capacity rule, splitmix64 finaliser and
 // linear probing, so a table built on either device answers queries on either device.
 
-SPARSECONV_HD uint64_t mix64(uint64_t x) {
-  x ^= x >> 30;
-  x *= 0xbf58476d1ce4e5b9ULL;
-  x ^= x >> 27;
-  x *= 0x94d049bb133111ebULL;
-  x ^= x >> 31;
-  return x;
-}
-
-inline int64_t table_capacity(int64_t n) {
-  int64_t cap = 16;
-  while (cap < 2 * n) cap <<= 1;
-  return cap;
-}
-
-#if defined(__CUDACC__)
-// Lookup after the build has finished.  Returns the slot or -1; probing is bounded by cap.
-__device__ __forceinline__ int64_t table_find(const int64_t* keys, int64_t cap, int64_t key) {
-  const uint64_t mask = static_cast<uint64_t>(cap) - 1;
-  uint64_t slot = mix64(static_cast<uint64_t>(key)) & mask;
-  for (int64_t probe = 0; probe < cap; ++probe) {
-    const int64_t k = keys[slot];
-    if (k == key) return static_cast<int64_t>(slot);
-    if (k == kEmptyKey) return -1;
-    slot = (slot + 1) & mask;
-  }
-  return -1;
-}
-#endif
+using sparseconv::mix64;
+using sparseconv::table_capacity;
+using sparseconv::table_find;
 
 }  // namespace cuda
 }  // namespace sparseconv
