@@ -38,4 +38,48 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
                     " is on ", b.device(), "; move them to the same device");
 }
 
+// keys/values of a hash_build table (hash.h).
+inline void check_hash_table(const at::Tensor& keys, const at::Tensor& values, const char* op) {
+  TORCH_CHECK_VALUE(keys.dim() == 1 && keys.scalar_type() == at::kLong && values.sizes() == keys.sizes() &&
+                        values.scalar_type() == at::kLong,
+                    "sparseconv.", op, ": keys and values must be 1-D int64 tensors of the same length "
+                    "(the output of hash_build)");
+  const int64_t cap = keys.size(0);
+  TORCH_CHECK_VALUE(cap >= 16 && (cap & (cap - 1)) == 0, "sparseconv.", op, ": table capacity ", cap,
+                    " is not a power of two >= 16 (not a hash_build table)");
+}
+
+// conv_forward / conv_input_grad (conv.h): shapes, dtypes and devices agree.  The backend
+// checks which feature dtypes it supports.
+inline void check_conv_args(const char* op, const at::Tensor& feats, const at::Tensor& weight,
+                            const at::Tensor& nbmap) {
+  check_feats(feats, op, "feats");
+  check_nbmap(nbmap, op);
+  TORCH_CHECK_VALUE(weight.dim() == 3, "sparseconv.", op, ": weight must be [K, C_in, C_out], got shape ",
+                    weight.sizes());
+  TORCH_CHECK_VALUE(weight.scalar_type() == feats.scalar_type(), "sparseconv.", op, ": weight dtype ",
+                    weight.scalar_type(), " differs from feature dtype ", feats.scalar_type());
+  TORCH_CHECK_VALUE(weight.size(0) == nbmap.size(1), "sparseconv.", op, ": weight has ", weight.size(0),
+                    " kernel offsets but the kernel map has ", nbmap.size(1));
+  TORCH_CHECK_VALUE(weight.size(1) == feats.size(1), "sparseconv.", op, ": features have ", feats.size(1),
+                    " channels but weight expects C_in = ", weight.size(1));
+  check_same_device(feats, weight, op, "feats", "weight");
+  check_same_device(feats, nbmap, op, "feats", "nbmap");
+}
+
+// conv_weight_grad (conv.h): the map's rows index grad_out (feats when transposed).
+inline void check_weight_grad_args(const char* op, const at::Tensor& feats, const at::Tensor& grad,
+                                   const at::Tensor& nbmap, bool transposed) {
+  check_feats(feats, op, "feats");
+  check_feats(grad, op, "grad_out");
+  check_nbmap(nbmap, op);
+  TORCH_CHECK_VALUE(feats.scalar_type() == grad.scalar_type(), "sparseconv.", op,
+                    ": feats and grad_out dtypes differ");
+  check_same_device(feats, grad, op, "feats", "grad_out");
+  check_same_device(feats, nbmap, op, "feats", "nbmap");
+  const at::Tensor& row_side = transposed ? feats : grad;
+  TORCH_CHECK_VALUE(row_side.size(0) == nbmap.size(0), "sparseconv.", op, ": the kernel map has ", nbmap.size(0),
+                    " rows but ", transposed ? "feats" : "grad_out", " has ", row_side.size(0));
+}
+
 }  // namespace sparseconv

@@ -83,4 +83,22 @@ inline void check_triple(c10::IntArrayRef v, const char* name, int64_t min_value
   }
 }
 
+// A validated KernelGeom from the op arguments (ValueError on bad values).
+inline KernelGeom make_kernel_geom(c10::IntArrayRef ks, c10::IntArrayRef stride, c10::IntArrayRef pad,
+                                   c10::IntArrayRef dil) {
+  check_triple(ks, "kernel_size", 1);
+  check_triple(stride, "stride", 1);
+  check_triple(pad, "padding", 0);
+  check_triple(dil, "dilation", 1);
+  KernelGeom g;
+  for (int d = 0; d < 3; ++d) {
+    g.ks[d] = ks[d];
+    g.stride[d] = stride[d];
+    g.pad[d] = pad[d];
+    g.dil[d] = dil[d];
+  }
+  TORCH_CHECK_VALUE(g.volume() <= INT32_MAX, "sparseconv: kernel volume ", g.volume(), " is too large");
+  return g;
+}
+
 }  // namespace sparseconv

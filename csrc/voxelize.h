@@ -27,9 +27,24 @@
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Optional.h>
 
 namespace sparseconv {
+
+enum VoxelReduce { kMean, kMax, kSum, kFirst, kCount, kPad };
+
+// The reduce argument of voxelize (ValueError naming the choices otherwise).
+inline VoxelReduce parse_voxel_reduce(c10::string_view r) {
+  if (r == "mean") return kMean;
+  if (r == "max") return kMax;
+  if (r == "sum") return kSum;
+  if (r == "first") return kFirst;
+  if (r == "count") return kCount;
+  if (r == "pad") return kPad;
+  TORCH_CHECK_VALUE(false, "sparseconv.voxelize: reduce must be one of mean, max, sum, first, count, pad; got '",
+                    std::string(r), "'");
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
     const at::Tensor& points, const c10::optional<at::Tensor>& batch, at::ArrayRef<double> voxel_size,

@@ -35,21 +35,6 @@ void scatter_add_rows(const scalar_t* src, int64_t ld, const int32_t* idx, int64
   });
 }
 
-void check_conv_args(const char* op, const at::Tensor& feats, const at::Tensor& weight, const at::Tensor& nbmap) {
-  check_feats(feats, op, "feats");
-  check_cpu_dtype(feats, op);
-  check_nbmap(nbmap, op);
-  TORCH_CHECK_VALUE(weight.dim() == 3, "sparseconv.", op, ": weight must be [K, C_in, C_out], got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(weight.scalar_type() == feats.scalar_type(), "sparseconv.", op, ": weight dtype ",
-                    weight.scalar_type(), " differs from feature dtype ", feats.scalar_type());
-  TORCH_CHECK_VALUE(weight.size(0) == nbmap.size(1), "sparseconv.", op, ": weight has ", weight.size(0),
-                    " kernel offsets but the kernel map has ", nbmap.size(1));
-  TORCH_CHECK_VALUE(weight.size(1) == feats.size(1), "sparseconv.", op, ": features have ", feats.size(1),
-                    " channels but weight expects C_in = ", weight.size(1));
-  check_same_device(feats, weight, op, "feats", "weight");
-  check_same_device(feats, nbmap, op, "feats", "nbmap");
-}
 
 
 // ---------------------------------------------------------------- float32: fused, output-stationary
@@ -174,6 +159,7 @@ namespace {
 at::Tensor conv_forward_impl(const at::Tensor& feats_in, const at::Tensor& weight, const at::Tensor& nbmap_in,
                              int64_t num_out, bool transposed, const char* op) {
   check_conv_args(op, feats_in, weight, nbmap_in);
+  check_cpu_dtype(feats_in, op);
   const int64_t m = nbmap_in.size(0), kvol = nbmap_in.size(1);
   const int64_t n_src = feats_in.size(0);
   if (transposed) {
@@ -241,19 +227,9 @@ at::Tensor conv_input_grad_cpu(const at::Tensor& grad_out, const at::Tensor& wei
 at::Tensor conv_weight_grad_cpu(const at::Tensor& feats_in, const at::Tensor& grad_in, const at::Tensor& nbmap_in,
                                 bool transposed) {
   const char* op = "conv_weight_grad";
-  check_feats(feats_in, op, "feats");
-  check_feats(grad_in, op, "grad_out");
+  check_weight_grad_args(op, feats_in, grad_in, nbmap_in, transposed);
   check_cpu_dtype(feats_in, op);
-  check_nbmap(nbmap_in, op);
-  TORCH_CHECK_VALUE(feats_in.scalar_type() == grad_in.scalar_type(), "sparseconv.", op,
-                    ": feats and grad_out dtypes differ");
-  check_same_device(feats_in, grad_in, op, "feats", "grad_out");
-  check_same_device(feats_in, nbmap_in, op, "feats", "nbmap");
   const int64_t m = nbmap_in.size(0), kvol = nbmap_in.size(1);
-  // Rows of the map index the output side (grad) unless transposed.
-  const at::Tensor& row_side = transposed ? feats_in : grad_in;
-  TORCH_CHECK_VALUE(row_side.size(0) == m, "sparseconv.", op, ": the kernel map has ", m, " rows but ",
-                    transposed ? "feats" : "grad_out", " has ", row_side.size(0));
   const at::Tensor feats = feats_in.contiguous(), grad = grad_in.contiguous(), nbmap = nbmap_in.contiguous();
   const int64_t cin = feats.size(1), cout = grad.size(1);
   at::Tensor gw = at::zeros({kvol, cin, cout}, feats.options());

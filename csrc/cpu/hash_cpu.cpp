@@ -93,13 +93,8 @@ std::tuple<at::Tensor, at::Tensor> hash_build_cpu(const at::Tensor& coords_in, c
 at::Tensor hash_query_cpu(const at::Tensor& keys_in, const at::Tensor& values_in, const at::Tensor& queries_in,
                           c10::IntArrayRef shape) {
   check_coords(queries_in, "hash_query", "queries");
-  TORCH_CHECK_VALUE(keys_in.dim() == 1 && keys_in.scalar_type() == at::kLong && values_in.sizes() == keys_in.sizes() &&
-                        values_in.scalar_type() == at::kLong,
-                    "sparseconv.hash_query: keys and values must be 1-D int64 tensors of the same length "
-                    "(the output of hash_build)");
+  check_hash_table(keys_in, values_in, "hash_query");
   const int64_t cap = keys_in.size(0);
-  TORCH_CHECK_VALUE(cap >= 16 && (cap & (cap - 1)) == 0, "sparseconv.hash_query: table capacity ", cap,
-                    " is not a power of two >= 16 (not a hash_build table)");
   const Grid grid = make_grid(shape);
   const at::Tensor keys = keys_in.contiguous(), values = values_in.contiguous(), queries = queries_in.contiguous();
   const int64_t m = queries.size(0);

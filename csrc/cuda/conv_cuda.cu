@@ -17,21 +17,6 @@ namespace cuda {
 
 namespace {
 
-void check_conv_args(const char* op, const at::Tensor& feats, const at::Tensor& weight, const at::Tensor& nbmap) {
-  check_feats(feats, op, "feats");
-  check_cuda_dtype(feats, op);
-  check_nbmap(nbmap, op);
-  TORCH_CHECK_VALUE(weight.dim() == 3, "sparseconv.", op, ": weight must be [K, C_in, C_out], got shape ",
-                    weight.sizes());
-  TORCH_CHECK_VALUE(weight.scalar_type() == feats.scalar_type(), "sparseconv.", op, ": weight dtype ",
-                    weight.scalar_type(), " differs from feature dtype ", feats.scalar_type());
-  TORCH_CHECK_VALUE(weight.size(0) == nbmap.size(1), "sparseconv.", op, ": weight has ", weight.size(0),
-                    " kernel offsets but the kernel map has ", nbmap.size(1));
-  TORCH_CHECK_VALUE(weight.size(1) == feats.size(1), "sparseconv.", op, ": features have ", feats.size(1),
-                    " channels but weight expects C_in = ", weight.size(1));
-  check_same_device(feats, weight, op, "feats", "weight");
-  check_same_device(feats, nbmap, op, "feats", "nbmap");
-}
 
 // Per-offset pairs of a map [M, K]: for offset k, src/dst = pairs.src/dst[start[k] : start[k + 1]]
 // (int64, in ascending map row order).  transposed = false: src = nbmap[o, k] (input), dst = o;
@@ -60,6 +45,7 @@ DevicePairs make_pairs(const at::Tensor& nbmap, bool transposed) {
 at::Tensor conv_forward_impl(const at::Tensor& feats_in, const at::Tensor& weight_in, const at::Tensor& nbmap_in,
                              int64_t num_out, bool transposed, const char* op) {
   check_conv_args(op, feats_in, weight_in, nbmap_in);
+  check_cuda_dtype(feats_in, op);
   const int64_t m = nbmap_in.size(0), kvol = nbmap_in.size(1);
   const int64_t n_src = feats_in.size(0);
   if (transposed) {
@@ -117,19 +103,9 @@ at::Tensor conv_input_grad_cuda(const at::Tensor& grad_out, const at::Tensor& we
 at::Tensor conv_weight_grad_cuda(const at::Tensor& feats_in, const at::Tensor& grad_in, const at::Tensor& nbmap_in,
                                  bool transposed) {
   const char* op = "conv_weight_grad";
-  check_feats(feats_in, op, "feats");
-  check_feats(grad_in, op, "grad_out");
+  check_weight_grad_args(op, feats_in, grad_in, nbmap_in, transposed);
   check_cuda_dtype(feats_in, op);
-  check_nbmap(nbmap_in, op);
-  TORCH_CHECK_VALUE(feats_in.scalar_type() == grad_in.scalar_type(), "sparseconv.", op,
-                    ": feats and grad_out dtypes differ");
-  check_same_device(feats_in, grad_in, op, "feats", "grad_out");
-  check_same_device(feats_in, nbmap_in, op, "feats", "nbmap");
   const int64_t m = nbmap_in.size(0), kvol = nbmap_in.size(1);
-  // Rows of the map index the output side (grad) unless transposed.
-  const at::Tensor& row_side = transposed ? feats_in : grad_in;
-  TORCH_CHECK_VALUE(row_side.size(0) == m, "sparseconv.", op, ": the kernel map has ", m, " rows but ",
-                    transposed ? "feats" : "grad_out", " has ", row_side.size(0));
   const c10::cuda::CUDAGuard guard(feats_in.device());
   const at::Tensor feats = feats_in.contiguous(), grad = grad_in.contiguous(), nbmap = nbmap_in.contiguous();
   const int64_t cin = feats.size(1), cout = grad.size(1);

@@ -122,13 +122,8 @@ std::tuple<at::Tensor, at::Tensor> hash_build_cuda(const at::Tensor& coords_in, 
 at::Tensor hash_query_cuda(const at::Tensor& keys_in, const at::Tensor& values_in, const at::Tensor& queries_in,
                            c10::IntArrayRef shape) {
   check_coords(queries_in, "hash_query", "queries");
-  TORCH_CHECK_VALUE(keys_in.dim() == 1 && keys_in.scalar_type() == at::kLong && values_in.sizes() == keys_in.sizes() &&
-                        values_in.scalar_type() == at::kLong,
-                    "sparseconv.hash_query: keys and values must be 1-D int64 tensors of the same length "
-                    "(the output of hash_build)");
+  check_hash_table(keys_in, values_in, "hash_query");
   const int64_t cap = keys_in.size(0);
-  TORCH_CHECK_VALUE(cap >= 16 && (cap & (cap - 1)) == 0, "sparseconv.hash_query: table capacity ", cap,
-                    " is not a power of two >= 16 (not a hash_build table)");
   check_same_device(queries_in, keys_in, "hash_query", "queries", "keys");
   check_same_device(queries_in, values_in, "hash_query", "queries", "values");
   const Grid grid = make_grid(shape);

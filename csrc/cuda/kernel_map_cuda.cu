@@ -18,21 +18,6 @@ namespace cuda {
 
 namespace {
 
-KernelGeom make_geom(c10::IntArrayRef ks, c10::IntArrayRef stride, c10::IntArrayRef pad, c10::IntArrayRef dil) {
-  check_triple(ks, "kernel_size", 1);
-  check_triple(stride, "stride", 1);
-  check_triple(pad, "padding", 0);
-  check_triple(dil, "dilation", 1);
-  KernelGeom g;
-  for (int d = 0; d < 3; ++d) {
-    g.ks[d] = ks[d];
-    g.stride[d] = stride[d];
-    g.pad[d] = pad[d];
-    g.dil[d] = dil[d];
-  }
-  TORCH_CHECK_VALUE(g.volume() <= INT32_MAX, "sparseconv: kernel volume ", g.volume(), " is too large");
-  return g;
-}
 
 // Per-axis kernel index of every offset k (x-major), int64 [K, 3] on `device`.
 at::Tensor offset_indices(const KernelGeom& g, const at::Device& device) {
@@ -74,7 +59,7 @@ at::Tensor kmap_submanifold_cuda(const at::Tensor& keys_in, const at::Tensor& va
   check_same_device(coords_in, values_in, "kmap_submanifold", "coords", "values");
   const Grid grid = make_grid(shape);
   const int64_t one[3] = {1, 1, 1}, zero[3] = {0, 0, 0};
-  const KernelGeom g = make_geom(kernel_size, one, zero, dilation);
+  const KernelGeom g = make_kernel_geom(kernel_size, one, zero, dilation);
   const c10::cuda::CUDAGuard guard(coords_in.device());
   const at::Tensor keys = keys_in.contiguous(), values = values_in.contiguous(), coords = coords_in.contiguous();
   const int64_t n = coords.size(0);
@@ -118,7 +103,7 @@ std::tuple<at::Tensor, at::Tensor> kmap_strided_cuda(const at::Tensor& coords_in
   const Grid in_grid = make_grid(shape);
   check_triple(out_spatial, "out_spatial_shape", 1, INT32_MAX);
   const Grid out_grid = make_grid({shape[0], out_spatial[0], out_spatial[1], out_spatial[2]});
-  const KernelGeom g = make_geom(kernel_size, stride, padding, dilation);
+  const KernelGeom g = make_kernel_geom(kernel_size, stride, padding, dilation);
   const c10::cuda::CUDAGuard guard(coords_in.device());
   const at::Tensor coords = coords_in.contiguous();
   const int64_t n = coords.size(0);

@@ -14,18 +14,8 @@ namespace cuda {
 
 namespace {
 
-enum Reduce { kMean, kMax, kSum, kFirst, kCount, kPad };
+using Reduce = VoxelReduce;
 
-Reduce parse_reduce(c10::string_view r) {
-  if (r == "mean") return kMean;
-  if (r == "max") return kMax;
-  if (r == "sum") return kSum;
-  if (r == "first") return kFirst;
-  if (r == "count") return kCount;
-  if (r == "pad") return kPad;
-  TORCH_CHECK_VALUE(false, "sparseconv.voxelize: reduce must be one of mean, max, sum, first, count, pad; got '",
-                    std::string(r), "'");
-}
 
 }  // namespace
 
@@ -47,7 +37,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
   for (double v : lower) TORCH_CHECK_VALUE(std::isfinite(v), "sparseconv.voxelize: the range must be finite");
   check_triple(grid_xyz, "grid", 1, INT32_MAX);
   const Grid grid = make_grid({batch_size, grid_xyz[0], grid_xyz[1], grid_xyz[2]});
-  const Reduce reduce = parse_reduce(reduce_name);
+  const Reduce reduce = parse_voxel_reduce(reduce_name);
   TORCH_CHECK_VALUE(reduce != kPad || max_points >= 1, "sparseconv.voxelize: reduce='pad' needs max_points >= 1");
   const c10::cuda::CUDAGuard guard(points_in.device());
   const at::Tensor points = points_in.contiguous();
