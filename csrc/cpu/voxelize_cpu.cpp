@@ -386,8 +386,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       // on a busy machine waiting for a descheduled thread at the end of a parallel region costs
       // more than the second thread saves (measured: 2 threads 2-10x slower than 1 on the shared
       // 2-core box with grains of one chunk / 4096 voxels).  The split never changes the results.
-      constexpr int64_t kParallelChunks = 16;           // 262144 points
-      constexpr int64_t kParallelVoxels = int64_t(1) << 17;
+      constexpr int64_t kParallelChunks = 2;            // 32768 points
+      constexpr int64_t kParallelVoxels = int64_t(1) << 13;
       const int64_t num_chunks = (n + kChunk - 1) / kChunk;
       K* key = cpu::scratch(key_buf, n);
       int32_t* idx = cpu::scratch(ws.idx, n);
