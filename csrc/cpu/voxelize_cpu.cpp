@@ -382,10 +382,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       // Keys of the valid points, compacted per chunk of points (in parallel: the arithmetic of
       // a point does not depend on the split), then assigned chunk by chunk in input order.
       constexpr int64_t kChunk = 16384;
-      // Passes go parallel only with enough work: a scan of ~120k points takes ~1-2 ms in all, and
-      // on a busy machine waiting for a descheduled thread at the end of a parallel region costs
-      // more than the second thread saves (measured: 2 threads 2-10x slower than 1 on the shared
-      // 2-core box with grains of one chunk / 4096 voxels).  The split never changes the results.
+      // Passes go parallel only with enough work (two chunks of points / 8k voxels): a scan of
+      // ~120k points takes ~1-2 ms in all, and waiting for a descheduled thread at the end of a
+      // parallel region can cost more than the second thread saves on a busy machine.  The split
+      // never changes the results.
       constexpr int64_t kParallelChunks = 2;            // 32768 points
       constexpr int64_t kParallelVoxels = int64_t(1) << 13;
       const int64_t num_chunks = (n + kChunk - 1) / kChunk;
