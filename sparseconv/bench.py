@@ -14,6 +14,9 @@ workloads:
   minkunet  a compact MinkUNet-style encoder-decoder (4 down, 4 up, skip concatenation)
   kmap      building every kernel map of the VoxelBackBone8x sequence, nothing else
   voxelize  voxelizing a full scan
+  sparse-blocks  SparseFFN CSR vs dense path at 50/80/90/95 % hidden sparsity (100k voxels, C 64, hidden 256),
+            SparseMoEFFN (8 experts, top-2) vs a dense FFN of the same total width, SparseWindowAttention
+            vs one SubMConv3d 3^3 and vs full attention (extrapolated from a 4096-voxel run)
 """
 from __future__ import annotations
 
@@ -814,13 +817,146 @@ def bench_kmap(scans: Sequence[Scan], session: "Session") -> List[Measurement]:
     return out
 
 
+# --------------------------------------------------------------------------- sparse blocks (FFN, MoE, attention)
+BLOCK_VOXELS = 100_000
+BLOCK_CHANNELS, BLOCK_HIDDEN = 64, 256
+BLOCK_SPARSITIES = (0.5, 0.8, 0.9, 0.95)
+BLOCK_EXPERTS, BLOCK_TOP_K = 8, 2
+BLOCK_HEADS, BLOCK_WINDOW, BLOCK_GROUP = 4, 8, 64
+FULL_ATTENTION_SAMPLE = 4096  # voxels of the measured full attention that is scaled by N^2
+
+
+def _block_sizes(settings: Settings) -> Tuple[int, int, int]:
+    """(voxels, C, hidden): 100k x 64 x 256, or 2000 x 16 x 64 with --smoke."""
+    return (2000, 16, 64) if settings.smoke else (BLOCK_VOXELS, BLOCK_CHANNELS, BLOCK_HIDDEN)
+
+
+def _block_voxels(scan: Scan, n: int, settings: Settings):
+    """``n`` SECOND voxels of the scan (full KITTI range, or the smoke crop), batch elements repeating the scan
+    until there are ``n``; returns ``(coords, spatial_shape, batch elements)``."""
+    from . import voxelize
+
+    vox, _ = voxelize(_tensor_points(scan.points), SECOND_VOXEL, SMOKE_RANGE if settings.smoke else KITTI_RANGE)
+    coords = vox.coords
+    copies = max(1, -(-n // max(1, coords.shape[0])))
+    rows = [torch.cat([torch.full_like(coords[:, :1], b), coords[:, 1:]], 1) for b in range(copies)]
+    return torch.cat(rows)[:n].contiguous(), vox.spatial_shape, copies
+
+
+def _shift_for_sparsity(ffn, x: torch.Tensor, sparsity: float) -> None:
+    """Sets ``ffn.fc1.bias`` so that a fraction ``sparsity`` of each hidden unit's pre-activations is <= 0."""
+    with torch.no_grad():
+        pre = torch.nn.functional.linear(x[:20000], ffn.fc1.weight)
+        ffn.fc1.bias.copy_(-pre.quantile(sparsity, dim=0))
+
+
+def _build_blocks(scan: Scan, params: Dict, only: Optional[str], settings: Settings) -> Built:
+    """One case of the ``sparse-blocks`` workload (``params["case"]``: ``ffn``, ``moe`` or ``attention``)."""
+    from . import SparseTensor
+    from .nn import SparseFFN, SparseMoEFFN, SparseWindowAttention, SubMConv3d
+    from .nn.ffn import hidden_sparsity
+
+    n, c, hidden = _block_sizes(settings)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    case = params["case"]
+    if case == "ffn":
+        s = params["sparsity"]
+        x = torch.randn(n, c, generator=g)
+        dense = SparseFFN(c, hidden, sparse_path=False)
+        _shift_for_sparsity(dense, x, s)
+        sparse = SparseFFN(c, hidden, sparse_path=True)
+        sparse.load_state_dict(dense.state_dict())
+        h = torch.relu(dense.fc1(x)).detach()
+        measured = hidden_sparsity(h)
+        peers = {"sparseconv SparseFFN dense path": Peer(lambda: dense(x)),
+                 "sparseconv SparseFFN CSR path": Peer(lambda: sparse(x)),
+                 "sparseconv 2nd projection dense": Peer(lambda: dense.second_projection(h, False)),
+                 "sparseconv 2nd projection CSR (with index build)": Peer(lambda: sparse.second_projection(h, True))}
+        config = (f"SparseFFN {n} voxels, C {c}, hidden {hidden}, ReLU, {100 * s:.0f} % target sparsity "
+                  f"(bias shift; measured {100 * measured:.1f} %), forward")
+        return Built(config, peers, extra={"voxels": n, "sparsity": measured, "target_sparsity": s})
+    if case == "moe":
+        x = torch.randn(n, c, generator=g)
+        moe = SparseMoEFFN(c, hidden, experts=BLOCK_EXPERTS, k=BLOCK_TOP_K)
+        dense = SparseFFN(c, hidden * BLOCK_EXPERTS, sparse_path=False)
+        peers = {"sparseconv SparseMoEFFN": Peer(lambda: moe(x)),
+                 f"sparseconv dense FFN hidden {hidden * BLOCK_EXPERTS}": Peer(lambda: dense(x))}
+        config = (f"SparseMoEFFN {BLOCK_EXPERTS} experts x hidden {hidden}, top-{BLOCK_TOP_K}, capacity 1.25 vs a "
+                  f"dense FFN of the same total hidden width, {n} voxels, C {c}, forward")
+        return Built(config, peers, extra={"voxels": n})
+    coords, shape, copies = _block_voxels(scan, n, settings)
+    m = coords.shape[0]
+    feats = torch.randn(m, c, generator=g)
+    x = SparseTensor(feats, coords, shape)
+    attn = SparseWindowAttention(c, BLOCK_HEADS, BLOCK_WINDOW, max_group=BLOCK_GROUP)
+    conv = SubMConv3d(c, c, 3, bias=False)
+    conv(x)  # builds the kernel map into x's cache
+    small = min(FULL_ATTENTION_SAMPLE, m)
+    q = torch.randn(1, BLOCK_HEADS, small, c // BLOCK_HEADS, generator=g)
+    peers = {"sparseconv SparseWindowAttention": Peer(lambda: attn(x)),
+             "sparseconv SubMConv3d 3^3 (cached map)": Peer(lambda: conv(x)),
+             f"full attention, {small} voxels (to extrapolate)": Peer(
+                 lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q), memory=False)}
+    config = (f"{scan.name} x {copies} batch elements, SECOND voxels, first {m}: SparseWindowAttention C {c}, "
+              f"{BLOCK_HEADS} heads, window {BLOCK_WINDOW}^3, max_group {BLOCK_GROUP} vs SubMConv3d 3^3 {c} -> {c}, "
+              f"forward")
+    return Built(config, peers, extra={"voxels": m, "full_attention_sample": small})
+
+
+def _break_even(points: List[Tuple[float, float]]) -> Optional[float]:
+    """The sparsity where ``sparse ms / dense ms`` crosses 1, interpolated linearly; ``None`` if it never does."""
+    for (s0, r0), (s1, r1) in zip(points, points[1:]):
+        if r0 >= 1.0 > r1:
+            return s0 + (s1 - s0) * (r0 - 1.0) / (r0 - r1)
+    if points and points[0][1] < 1.0:
+        return points[0][0]
+    return None
+
+
+def bench_sparse_blocks(scans: Sequence[Scan], session: "Session") -> List[Measurement]:
+    """Activation-sparse FFN (CSR vs dense at 50/80/90/95 % hidden sparsity), MoE FFN vs dense FFN, and window
+    attention vs one SubMConv3d 3^3 and vs (extrapolated) full attention."""
+    out: List[Measurement] = []
+    whole, second = [], []
+    for s in BLOCK_SPARSITIES:
+        rows = session.run_case("sparse-blocks", "blocks", scans[0], {"case": "ffn", "sparsity": s})
+        ms = {m.impl: m.median_ms for m in rows}
+        whole.append((rows[0].extra["sparsity"], ms["sparseconv SparseFFN CSR path"]
+                      / ms["sparseconv SparseFFN dense path"]))
+        second.append((rows[0].extra["sparsity"], ms["sparseconv 2nd projection CSR (with index build)"]
+                       / ms["sparseconv 2nd projection dense"]))
+        out += rows
+    for label, points in (("whole FFN", whole), ("second projection", second)):
+        be = _break_even(points)
+        speedups = ", ".join(f"{100 * s:.0f} %: {1 / r:.2f}x" for s, r in points)
+        session.note(f"SparseFFN {label}: CSR speed-up over dense by sparsity {speedups}; break-even sparsity "
+                     + ("not reached" if be is None else f"{100 * be:.0f} %")
+                     + " (sparseconv.nn.ffn.SPARSE_FFN_BREAK_EVEN is set from the whole-FFN value)")
+    out += session.run_case("sparse-blocks", "blocks", scans[0], {"case": "moe"})
+    for scan in scans[:1]:
+        rows = session.run_case("sparse-blocks", "blocks", scan, {"case": "attention"})
+        out += rows
+        n, small = rows[0].extra["voxels"], rows[0].extra["full_attention_sample"]
+        full = [m for m in rows if m.impl.startswith("full attention")][0]
+        scale = (n / small) ** 2
+        gb = n * n * BLOCK_HEADS * 4 / 1e9
+        session.note(f"full attention over all {n} voxels, EXTRAPOLATED (not run): scores {n}^2 x {BLOCK_HEADS} "
+                     f"heads x 4 B = {gb:.1f} GB; time ~ {full.median_ms:.2f} ms x ({n}/{small})^2 = "
+                     f"{full.median_ms * scale / 1000:.1f} s")
+        for m in rows:
+            m.extra["full_attention_extrapolated_ms"] = full.median_ms * scale
+            m.extra["full_attention_extrapolated_gb"] = gb
+    return out
+
+
 # Case builders by name: the main process and the peak-memory children build the same cases.
 _BUILDERS: Dict[str, Callable[[Scan, Dict, Optional[str], Settings], Built]] = {
     "voxelize": _build_voxelize, "layer": _build_layer, "backbone": _build_backbone,
-    "minkunet": _build_minkunet, "kmap": _build_kmap}
+    "minkunet": _build_minkunet, "kmap": _build_kmap, "blocks": _build_blocks}
 
 WORKLOADS: Dict[str, Callable] = {"voxelize": bench_voxelize, "layers": bench_layers, "backbone": bench_backbone,
-                                  "minkunet": bench_minkunet, "kmap": bench_kmap}
+                                  "minkunet": bench_minkunet, "kmap": bench_kmap, "sparse-blocks": bench_sparse_blocks}
 
 
 # --------------------------------------------------------------------------- peak memory

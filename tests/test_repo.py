@@ -75,7 +75,7 @@ def test_benchmark_harness_smoke(tmp_path):
             "sparseconv forward (cached maps)", "sparseconv forward+backward (fresh)",
             "sparseconv kernel maps (fresh)"} <= impls
     assert {r["workload"] for r in rows} == {"voxelize", "layers", "layers-train", "backbone", "backbone-train",
-                                             "minkunet", "minkunet-train", "kmap"}
+                                             "minkunet", "minkunet-train", "kmap", "sparse-blocks"}
     assert all(r["median_ms"] > 0 and len(r["times_ms"]) == 2 for r in rows)
     assert all({"gflops_per_s", "mm_fraction", "mm_gflops_per_s", "peak_mb"} <= r.keys() for r in rows)
     # Every single-layer kind, forward and training, is there (SubM, strided, inverse, max-pool).
@@ -91,12 +91,12 @@ def test_benchmark_harness_smoke(tmp_path):
         assert abs(r["gflops_per_s"] - r["gflop"] / (r["median_ms"] / 1000)) <= 1e-6 * r["gflops_per_s"]
         assert abs(r["mm_fraction"] - r["gflops_per_s"] / r["mm_gflops_per_s"]) <= 1e-6 * r["mm_fraction"]
     assert all(r["gflops_per_s"] is None and r["mm_fraction"] is None
-               for r in rows if "MaxPool" in r["config"] or r["workload"] in ("kmap", "voxelize"))
+               for r in rows if "MaxPool" in r["config"] or r["workload"] in ("kmap", "voxelize", "sparse-blocks"))
     floors = [r for r in rows if r["impl"].startswith("torch.mm")]
     assert floors and all(abs(r["mm_fraction"] - 1) < 1e-9 for r in floors)
     # Peak memory of one call of every forward implementation, in MB.
     forward = [r for r in ours if "backward" not in r["impl"]]
-    assert {r["workload"] for r in forward} == {"voxelize", "layers", "backbone", "minkunet", "kmap"}
+    assert {r["workload"] for r in forward} == {"voxelize", "layers", "backbone", "minkunet", "kmap", "sparse-blocks"}
     assert all(isinstance(r["peak_mb"], float) and r["peak_mb"] >= 0 for r in forward)
     assert any(r["peak_mb"] > 0 for r in forward)
     # The dense SubM peer allocates its dense output (128 x 128 x 40 voxels x 16 channels x 4 B = 40 MiB).
