@@ -38,6 +38,20 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
                     " is on ", b.device(), "; move them to the same device");
 }
 
+// sparse_rows_mm (sparse_mm.h).
+inline void check_sparse_rows_mm(const at::Tensor& a, const at::Tensor& b) {
+  const char* op = "sparse_rows_mm";
+  TORCH_CHECK_VALUE(a.dim() == 2 && b.dim() == 2, "sparseconv.", op, ": a and b must be 2-D, got shapes ", a.sizes(),
+                    " and ", b.sizes());
+  TORCH_CHECK_TYPE(at::isFloatingType(a.scalar_type()), "sparseconv.", op, ": a must be floating point, got ",
+                   a.scalar_type());
+  TORCH_CHECK_VALUE(a.scalar_type() == b.scalar_type(), "sparseconv.", op, ": a is ", a.scalar_type(), " but b is ",
+                    b.scalar_type());
+  TORCH_CHECK_VALUE(a.size(1) == b.size(0), "sparseconv.", op, ": a is ", a.sizes(), " and b is ", b.sizes(),
+                    "; the inner sizes differ");
+  check_same_device(a, b, op, "a", "b");
+}
+
 // keys/values of a hash_build table (hash.h).
 inline void check_hash_table(const at::Tensor& keys, const at::Tensor& values, const char* op) {
   TORCH_CHECK_VALUE(keys.dim() == 1 && keys.scalar_type() == at::kLong && values.sizes() == keys.sizes() &&

@@ -40,6 +40,7 @@ TORCH_LIBRARY(sparseconv, m) {
   m.def("maxpool_backward(Tensor grad_out, Tensor argmax, SymInt num_in) -> Tensor");
   m.def("avgpool_forward(Tensor feats, Tensor nbmap, bool count_inactive) -> Tensor");
   m.def("avgpool_backward(Tensor grad_out, Tensor nbmap, SymInt num_in, bool count_inactive) -> Tensor");
+  m.def("sparse_rows_mm(Tensor a, Tensor b) -> Tensor");
   m.def("voxelize(Tensor points, Tensor? batch, float[] voxel_size, float[] lower, int[] grid, int batch_size, "
         "int max_points, int max_voxels, str reduce, bool order_by_first) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");

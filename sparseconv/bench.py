@@ -14,7 +14,7 @@ workloads:
   minkunet  a compact MinkUNet-style encoder-decoder (4 down, 4 up, skip concatenation)
   kmap      building every kernel map of the VoxelBackBone8x sequence, nothing else
   voxelize  voxelizing a full scan
-  sparse-blocks  SparseFFN CSR vs dense path at 50/80/90/95 % hidden sparsity (100k voxels, C 64, hidden 256),
+  sparse-blocks  SparseFFN sparse vs dense path at 50/80/90/95 % hidden sparsity (100k voxels, C 64, hidden 256),
             SparseMoEFFN (8 experts, top-2) vs a dense FFN of the same total width, SparseWindowAttention
             vs one SubMConv3d 3^3 and vs full attention (extrapolated from a 4096-voxel run)
 """
@@ -870,9 +870,9 @@ def _build_blocks(scan: Scan, params: Dict, only: Optional[str], settings: Setti
         h = torch.relu(dense.fc1(x)).detach()
         measured = hidden_sparsity(h)
         peers = {"sparseconv SparseFFN dense path": Peer(lambda: dense(x)),
-                 "sparseconv SparseFFN CSR path": Peer(lambda: sparse(x)),
+                 "sparseconv SparseFFN sparse path": Peer(lambda: sparse(x)),
                  "sparseconv 2nd projection dense": Peer(lambda: dense.second_projection(h, False)),
-                 "sparseconv 2nd projection CSR (with index build)": Peer(lambda: sparse.second_projection(h, True))}
+                 "sparseconv 2nd projection sparse (zero-skipping kernel)": Peer(lambda: sparse.second_projection(h, True))}
         config = (f"SparseFFN {n} voxels, C {c}, hidden {hidden}, ReLU, {100 * s:.0f} % target sparsity "
                   f"(bias shift; measured {100 * measured:.1f} %), forward")
         return Built(config, peers, extra={"voxels": n, "sparsity": measured, "target_sparsity": s})
@@ -915,22 +915,22 @@ def _break_even(points: List[Tuple[float, float]]) -> Optional[float]:
 
 
 def bench_sparse_blocks(scans: Sequence[Scan], session: "Session") -> List[Measurement]:
-    """Activation-sparse FFN (CSR vs dense at 50/80/90/95 % hidden sparsity), MoE FFN vs dense FFN, and window
+    """Activation-sparse FFN (sparse vs dense path at 50/80/90/95 % hidden sparsity), MoE FFN vs dense FFN, and window
     attention vs one SubMConv3d 3^3 and vs (extrapolated) full attention."""
     out: List[Measurement] = []
     whole, second = [], []
     for s in BLOCK_SPARSITIES:
         rows = session.run_case("sparse-blocks", "blocks", scans[0], {"case": "ffn", "sparsity": s})
         ms = {m.impl: m.median_ms for m in rows}
-        whole.append((rows[0].extra["sparsity"], ms["sparseconv SparseFFN CSR path"]
+        whole.append((rows[0].extra["sparsity"], ms["sparseconv SparseFFN sparse path"]
                       / ms["sparseconv SparseFFN dense path"]))
-        second.append((rows[0].extra["sparsity"], ms["sparseconv 2nd projection CSR (with index build)"]
+        second.append((rows[0].extra["sparsity"], ms["sparseconv 2nd projection sparse (zero-skipping kernel)"]
                        / ms["sparseconv 2nd projection dense"]))
         out += rows
     for label, points in (("whole FFN", whole), ("second projection", second)):
         be = _break_even(points)
         speedups = ", ".join(f"{100 * s:.0f} %: {1 / r:.2f}x" for s, r in points)
-        session.note(f"SparseFFN {label}: CSR speed-up over dense by sparsity {speedups}; break-even sparsity "
+        session.note(f"SparseFFN {label}: sparse-path speed-up over dense by sparsity {speedups}; break-even sparsity "
                      + ("not reached" if be is None else f"{100 * be:.0f} %")
                      + " (sparseconv.nn.ffn.SPARSE_FFN_BREAK_EVEN is set from the whole-FFN value)")
     out += session.run_case("sparse-blocks", "blocks", scans[0], {"case": "moe"})

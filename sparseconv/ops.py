@@ -32,6 +32,7 @@ __all__ = [
     "avgpool_forward",
     "avgpool_backward",
     "voxelize",
+    "sparse_rows_mm",
     "OP_NAMES",
 ]
 
@@ -51,6 +52,7 @@ OP_NAMES = (
     "avgpool_forward",
     "avgpool_backward",
     "voxelize",
+    "sparse_rows_mm",
 )
 
 
@@ -265,6 +267,32 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.register_fake("sparseconv::sparse_rows_mm")
+def _sparse_rows_mm_fake(a, b):
+    torch._check(a.dim() == 2 and b.dim() == 2, lambda: "sparseconv.sparse_rows_mm: a and b must be 2-D")
+    torch._check(a.shape[1] == b.shape[0], lambda: "sparseconv.sparse_rows_mm: the inner sizes differ")
+    return a.new_empty((a.shape[0], b.shape[1]))
+
+
+def _sparse_rows_mm_setup(ctx, inputs, output):
+    a, b = inputs
+    ctx.save_for_backward(a, b)
+
+
+def _sparse_rows_mm_backward(ctx, grad):
+    # out = a @ b; the gradients are dense products (the zeros of a need no special case: for a
+    # ReLU/top-k hidden layer the activation's own backward masks grad_a).
+    a, b = ctx.saved_tensors
+    grad_a = grad @ b.t() if ctx.needs_input_grad[0] else None
+    grad_b = a.t() @ grad if ctx.needs_input_grad[1] else None
+    return grad_a, grad_b
+
+
+torch.library.register_autograd(
+    "sparseconv::sparse_rows_mm", _sparse_rows_mm_backward, setup_context=_sparse_rows_mm_setup
+)
+
+
 # --------------------------------------------------------------------------
 # Typed wrappers.
 # --------------------------------------------------------------------------
@@ -336,6 +364,15 @@ def avgpool_forward(feats, nbmap, count_inactive: bool = False):
 
 def avgpool_backward(grad_out, nbmap, num_in: int, count_inactive: bool = False):
     return _ops.avgpool_backward(grad_out, nbmap, num_in, bool(count_inactive))
+
+
+def sparse_rows_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` for a row-sparse ``a`` ``[N, K]`` (mostly zeros) and dense ``b`` ``[K, M]`` (``csrc/sparse_mm.h``).
+
+    On the CPU in float32 the work scales with the non-zeros of ``a`` (the second projection of an
+    activation-sparse FFN); elsewhere it is ``torch.mm``.  Differentiable in both arguments.
+    """
+    return _ops.sparse_rows_mm(a, b)
 
 
 def voxelize(points, batch, voxel_size, lower, grid, batch_size: int, max_points: int = -1, max_voxels: int = -1,

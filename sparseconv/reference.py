@@ -41,6 +41,7 @@ __all__ = [
     "hash_build_reference",
     "hash_query_reference",
     "kmap_submanifold_reference",
+    "sparse_rows_mm_reference",
     "kmap_strided_reference",
     "conv_forward_reference",
     "conv_input_grad_reference",
@@ -571,3 +572,10 @@ def voxelize_reference(
     drops = torch.tensor([int((~finite).sum()), int((finite & ~inside).sum()),
                           valid_total - int((row >= 0).sum()), over_points], dtype=torch.int64)
     return coords, feats, point_voxel, counts, drops
+
+
+def sparse_rows_mm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Reference of ``sparse_rows_mm``: the plain product ``a @ b`` (``[N, K] @ [K, M]``)."""
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"sparse_rows_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
+    return a @ b

@@ -73,6 +73,12 @@ def check_against_float64():
         tg = torch.randn(n, weight.shape[2], generator=torch.Generator().manual_seed(n))
         worst = max(worst, max_rel_err(torch.ops.sparseconv.conv_weight_grad(tf, tg, nbmap, True),
                                        torch.ops.sparseconv.conv_weight_grad(tf.double(), tg.double(), nbmap, True)))
+    gen = torch.Generator().manual_seed(1)
+    for n, k, m, density in [(1, 1, 1, 1.0), (7, 13, 5, 0.5), (300, 256, 64, 0.1), (129, 37, 130, 0.3),
+                             (50, 64, 17, 0.0), (40, 100, 200, 0.9), (3, 16, 16, 0.05)]:
+        a = torch.randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) < density)
+        b = torch.randn(k, m, generator=gen)
+        worst = max(worst, max_rel_err(ops.sparse_rows_mm(a, b), a.double() @ b.double()))
     return worst
 
 
@@ -178,3 +184,34 @@ def test_submanifold_map_rejects_sorted_coords_outside_the_grid():
     bad = torch.tensor([[0, 0, 0, 0], [0, 0, 0, 5]], dtype=torch.int32)
     with pytest.raises(ValueError):
         ops.kmap_submanifold(keys, values, bad, [1, 2, 2, 2], [3, 3, 3], [1, 1, 1])
+
+
+# --------------------------------------------------------------------------- sparse_rows_mm
+def test_sparse_rows_mm_matches_mm_and_propagates_nan():
+    gen = torch.Generator().manual_seed(3)
+    a = torch.relu(torch.randn(500, 256, generator=gen) - 1.2)  # ~88 % zeros
+    b = torch.randn(256, 64, generator=gen)
+    torch.testing.assert_close(ops.sparse_rows_mm(a, b), a @ b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ops.sparse_rows_mm(a.double(), b.double()), a.double() @ b.double())
+    assert torch.equal(ops.sparse_rows_mm(torch.zeros(4, 256), b), torch.zeros(4, 64))
+    a[3, 5] = float("nan")
+    out = ops.sparse_rows_mm(a, b)
+    assert torch.isnan(out[3]).all() and not torch.isnan(out[:3]).any()
+
+
+def test_sparse_rows_mm_gradients():
+    gen = torch.Generator().manual_seed(4)
+    a = torch.relu(torch.randn(9, 6, generator=gen, dtype=torch.float64)).requires_grad_()
+    b = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.sparse_rows_mm, (a, b))
+
+
+@pytest.mark.parametrize("a,b,exc,match", [
+    (torch.zeros(3), torch.zeros(3, 2), ValueError, "must be 2-D"),
+    (torch.zeros(3, 4), torch.zeros(5, 2), ValueError, "inner sizes differ"),
+    (torch.zeros(3, 4), torch.zeros(4, 2, dtype=torch.float64), ValueError, "but b is"),
+    (torch.zeros(3, 4, dtype=torch.int32), torch.zeros(4, 2, dtype=torch.int32), TypeError, "floating point"),
+])
+def test_sparse_rows_mm_errors(a, b, exc, match):
+    with pytest.raises(exc, match=match):
+        ops.sparse_rows_mm(a, b)

@@ -66,12 +66,17 @@ def test_ffn_sparse_path_gradcheck(activation, k):
     assert torch.autograd.gradcheck(fn, (x, *params))
 
 
-def test_ffn_chunked_sparse_path_on_many_rows():
-    from sparseconv.nn import ffn as ffn_mod
-
-    dense, sparse = _ffn_pair("topk", 4)
-    x = torch.randn(ffn_mod.SPARSE_FFN_CHUNK * 2 + 17, 8, dtype=torch.float64)
-    torch.testing.assert_close(sparse(x), dense(x), rtol=0, atol=1e-12)
+@pytest.mark.parametrize("activation,k,shift", [("relu", None, 1.0), ("topk", 4, 0.0)])
+def test_ffn_float32_sparse_kernel_equals_dense_path(activation, k, shift):
+    """float32 on the CPU runs the fused zero-skipping kernel (ops.sparse_rows_mm); float64 runs mm."""
+    dense, sparse = _ffn_pair(activation, k, dtype=torch.float32, bias_shift=shift)
+    x = torch.randn(9000, 8, requires_grad=True)
+    yd, ys = dense(x), sparse(x)
+    torch.testing.assert_close(ys, yd, rtol=1e-5, atol=1e-5)
+    gd = torch.autograd.grad(yd.square().sum(), [x, *dense.parameters()])
+    gs = torch.autograd.grad(ys.square().sum(), [x, *sparse.parameters()])
+    for a, b in zip(gs, gd):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 def test_ffn_auto_picks_dense_at_low_and_sparse_at_high_sparsity():

@@ -506,6 +506,8 @@ def _opcheck_samples():
         "maxpool_backward": [(rand(m, 3, grad=True), argmax, n)],
         "avgpool_forward": [(rand(n, 3, grad=True), strided, False), (rand(n, 3, grad=True), strided, True)],
         "avgpool_backward": [(rand(m, 3, grad=True), strided, n, False), (rand(m, 3, grad=True), strided, n, True)],
+        "sparse_rows_mm": [(torch.relu(rand(20, 7)).requires_grad_(), rand(7, 5, grad=True)),
+                           (rand(0, 3, grad=True), rand(3, 4, grad=True))],
         "voxelize": [(rand(60, 4) * 3, None, [0.5, 0.5, 0.5], [-3.0, -3.0, -3.0], [12, 12, 12], 1, -1, -1, "mean", False),
                      (rand(60, 5) * 3, torch.randint(0, 2, (60,), generator=gen), [1.0, 0.5, 2.0], [-3.0, -3.0, -3.0],
                       [6, 12, 3], 2, 2, 20, "pad", True)],

@@ -40,11 +40,27 @@ void gemm_pairs_generic(int64_t m, int64_t n, int64_t k, const float* const* a_p
   }
 }
 
+void sparse_rows_generic(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         float* c, int64_t ldc) {
+  for (int64_t r = 0; r < m; ++r) {
+    float* cr = c + r * ldc;
+    for (int64_t j = 0; j < n; ++j) cr[j] = 0.f;
+    const float* ar = a + r * lda;
+    for (int64_t p = 0; p < k; ++p) {
+      const float av = ar[p];
+      if (av == 0.f) continue;
+      const float* bp = b + p * ldb;
+      for (int64_t j = 0; j < n; ++j) cr[j] += av * bp[j];
+    }
+  }
+}
+
 namespace {
 
 struct Choice {
   GemmRowsFn fn;
   GemmPairsFn pairs;
+  SparseRowsFn sparse;
   const char* isa;
 };
 
@@ -55,12 +71,12 @@ Choice choose() {
   const bool allow2 = allow512 || std::strcmp(cap, "avx2") == 0;
 #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  if (allow512 && __builtin_cpu_supports("avx512f")) return {gemm_rows_avx512, gemm_pairs_avx512, "avx512"};
-  if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {gemm_rows_avx2, gemm_pairs_avx2, "avx2"};
+  if (allow512 && __builtin_cpu_supports("avx512f")) return {gemm_rows_avx512, gemm_pairs_avx512, sparse_rows_avx512, "avx512"};
+  if (allow2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return {gemm_rows_avx2, gemm_pairs_avx2, sparse_rows_avx2, "avx2"};
 #else
   (void)allow2;
 #endif
-  return {gemm_rows_generic, gemm_pairs_generic, "generic"};
+  return {gemm_rows_generic, gemm_pairs_generic, sparse_rows_generic, "generic"};
 }
 
 const Choice& choice() {
@@ -72,6 +88,7 @@ const Choice& choice() {
 
 GemmRowsFn gemm_rows_f32() { return choice().fn; }
 GemmPairsFn gemm_pairs_f32() { return choice().pairs; }
+SparseRowsFn sparse_rows_f32() { return choice().sparse; }
 const char* gemm_rows_isa() { return choice().isa; }
 
 }  // namespace cpu

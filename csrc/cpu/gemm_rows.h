@@ -14,7 +14,12 @@
 //   kernel offset, sum over its pairs of feats[src]^T grad[dst], read through
 //   row pointers (no packing).
 //
-// gemm_rows_f32() / gemm_pairs_f32() return the best variant this CPU runs (AVX-512, AVX2+FMA
+// sparse_rows(m, n, k, a, lda, b, ldb, c, ldc):
+//   C[r, 0:n) = sum over p with a[r, p] != 0 of a[r, p] * B[p, 0:n)   (C overwritten)
+//   for r in [0, m): a row-major product that skips the zeros of A, found by
+//   vector compares (sparse_mm.h).
+//
+// gemm_rows_f32() / gemm_pairs_f32() / sparse_rows_f32() return the best variant this CPU runs (AVX-512, AVX2+FMA
 // or portable C++), chosen once from the CPU's feature flags.  The ISA
 // variants live in their own translation units, which include no ATen
 // headers, so no inline function is ever compiled for an ISA the CPU lacks.
@@ -33,6 +38,18 @@ void gemm_rows_generic(int64_t m, int64_t n, int64_t k, const float* const* a_ro
 using GemmPairsFn = void (*)(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
                              float* c, int64_t ldc);
 
+using SparseRowsFn = void (*)(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
+                              int64_t ldb, float* c, int64_t ldc);
+
+void sparse_rows_generic(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                         float* c, int64_t ldc);
+#if defined(__x86_64__) || defined(_M_X64)
+void sparse_rows_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                        float* c, int64_t ldc);
+void sparse_rows_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                      float* c, int64_t ldc);
+#endif
+
 void gemm_pairs_generic(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,
                         float* c, int64_t ldc);
 #if defined(__x86_64__) || defined(_M_X64)
@@ -50,6 +67,7 @@ void gemm_rows_avx2(int64_t m, int64_t n, int64_t k, const float* const* a_rows,
 
 GemmRowsFn gemm_rows_f32();
 GemmPairsFn gemm_pairs_f32();
+SparseRowsFn sparse_rows_f32();
 // The variant gemm_rows_f32() picked: "avx512", "avx2" or "generic" (for reports and tests).
 const char* gemm_rows_isa();
 

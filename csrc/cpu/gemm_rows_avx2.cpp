@@ -12,6 +12,8 @@
 
 #include <immintrin.h>
 
+#include <vector>
+
 #include "gemm_rows.h"
 #include "gemm_rows_simd.h"
 
@@ -33,6 +35,9 @@ struct V256 {
   static T bcast(float x) { return _mm256_set1_ps(x); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
+  static uint32_t nonzero_bits(const float* p) {
+    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+  }
   static Mask mask(int w) {
     return _mm256_setr_epi32(0 < w ? -1 : 0, 1 < w ? -1 : 0, 2 < w ? -1 : 0, 3 < w ? -1 : 0, 4 < w ? -1 : 0,
                              5 < w ? -1 : 0, 6 < w ? -1 : 0, 7 < w ? -1 : 0);
@@ -44,6 +49,12 @@ struct V256 {
 void gemm_rows_avx2(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
                     float* const* c_rows) {
   simd::gemm_rows<V256>(m, n, k, a_rows, b, ldb, c_rows);
+}
+
+void sparse_rows_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc) {
+  std::vector<int32_t> idx(k > 0 ? k : 1);
+  simd::sparse_rows<V256>(m, n, k, a, lda, b, ldb, c, ldc, idx.data());
 }
 
 void gemm_pairs_avx2(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,

@@ -12,6 +12,8 @@
 
 #include <immintrin.h>
 
+#include <vector>
+
 #include "gemm_rows.h"
 #include "gemm_rows_simd.h"
 
@@ -34,6 +36,9 @@ struct V512 {
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static Mask mask(int w) { return static_cast<Mask>(w >= 16 ? 0xFFFFu : (1u << w) - 1u); }
+  static uint32_t nonzero_bits(const float* p) {
+    return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  }
 };
 
 }  // namespace
@@ -41,6 +46,12 @@ struct V512 {
 void gemm_rows_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
                       float* const* c_rows) {
   simd::gemm_rows<V512>(m, n, k, a_rows, b, ldb, c_rows);
+}
+
+void sparse_rows_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                    float* c, int64_t ldc) {
+  std::vector<int32_t> idx(k > 0 ? k : 1);
+  simd::sparse_rows<V512>(m, n, k, a, lda, b, ldb, c, ldc, idx.data());
 }
 
 void gemm_pairs_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,

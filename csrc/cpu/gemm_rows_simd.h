@@ -184,6 +184,71 @@ inline void gemm_pairs(int64_t m, int64_t n, int64_t k, const float* const* a, c
   }
 }
 
+// sparse_rows: per row, the indices of its non-zero entries (vector compares
+// to a bit mask, then the set bits), then per column panel NV accumulators
+// over those indices only.  idx must hold k entries.
+template <class V, int NV, bool FULL>
+inline void sparse_panel(const float* a, const int32_t* idx, int64_t nnz, const float* b, int64_t ldb, float* c,
+                         int64_t col, typename V::Mask last) {
+  typename V::T acc[NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) acc[v] = V::zero();
+  for (int64_t t = 0; t < nnz; ++t) {
+    const int64_t p = idx[t];
+    const typename V::T av = V::bcast(a[p]);
+    const float* bp = b + p * ldb + col;
+#pragma GCC unroll 8
+    for (int v = 0; v + 1 < NV; ++v) acc[v] = V::fma(av, V::load(bp + V::W * v), acc[v]);
+    acc[NV - 1] = V::fma(av, FULL ? V::load(bp + V::W * (NV - 1)) : V::loadm(last, bp + V::W * (NV - 1)), acc[NV - 1]);
+  }
+  float* cp = c + col;
+#pragma GCC unroll 8
+  for (int v = 0; v + 1 < NV; ++v) V::store(cp + V::W * v, acc[v]);
+  if (FULL) {
+    V::store(cp + V::W * (NV - 1), acc[NV - 1]);
+  } else {
+    V::storem(cp + V::W * (NV - 1), last, acc[NV - 1]);
+  }
+}
+
+template <class V>
+inline void sparse_rows(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
+                        float* c, int64_t ldc, int32_t* idx) {
+  constexpr int64_t panel = V::kNV * V::W;
+  for (int64_t r = 0; r < m; ++r) {
+    const float* ar = a + r * lda;
+    int64_t nnz = 0, p = 0;
+    for (; p + V::W <= k; p += V::W) {
+      uint32_t bits = V::nonzero_bits(ar + p);
+      while (bits) {
+        idx[nnz++] = static_cast<int32_t>(p + __builtin_ctz(bits));
+        bits &= bits - 1;
+      }
+    }
+    for (; p < k; ++p) {
+      idx[nnz] = static_cast<int32_t>(p);
+      nnz += ar[p] != 0.f;
+    }
+    float* cr = c + r * ldc;
+    for (int64_t col = 0; col < n; col += panel) {
+      const int64_t w = n - col < panel ? n - col : panel;
+      const int nv = static_cast<int>((w + V::W - 1) / V::W);
+      const typename V::Mask last = V::mask(static_cast<int>(w - (nv - 1) * V::W));
+      const bool full = w == nv * V::W;
+      switch (nv * 2 + full) {
+        case 2: sparse_panel<V, 1, false>(ar, idx, nnz, b, ldb, cr, col, last); break;
+        case 3: sparse_panel<V, 1, true>(ar, idx, nnz, b, ldb, cr, col, last); break;
+        case 4: sparse_panel<V, 2, false>(ar, idx, nnz, b, ldb, cr, col, last); break;
+        case 5: sparse_panel<V, 2, true>(ar, idx, nnz, b, ldb, cr, col, last); break;
+        case 6: if constexpr (V::kNV >= 3) sparse_panel<V, 3, false>(ar, idx, nnz, b, ldb, cr, col, last); break;
+        case 7: if constexpr (V::kNV >= 3) sparse_panel<V, 3, true>(ar, idx, nnz, b, ldb, cr, col, last); break;
+        case 8: if constexpr (V::kNV >= 4) sparse_panel<V, 4, false>(ar, idx, nnz, b, ldb, cr, col, last); break;
+        default: if constexpr (V::kNV >= 4) sparse_panel<V, 4, true>(ar, idx, nnz, b, ldb, cr, col, last); break;
+      }
+    }
+  }
+}
+
 }  // namespace simd
 }  // namespace cpu
 }  // namespace sparseconv

@@ -6,26 +6,26 @@ Both act on each voxel's feature row independently and accept a :class:`~sparsec
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from ..tensor import SparseTensor
 from .base import SparseModule
 
 __all__ = ["SparseFFN", "SparseMoEFFN", "SPARSE_FFN_BREAK_EVEN", "hidden_sparsity"]
 
 # Hidden-activation sparsity (fraction of exact zeros) above which ``SparseFFN(sparse_path="auto")`` runs the
-# CSR path.  Measured on one CPU thread (2-core x86_64, torch 2.13), 100k voxels, C = 64, hidden = 256, whole
-# FFN forward with ReLU (sparsity forced by a per-unit bias shift), CSR path / dense path:
-#     50 %: 1.96x slower, 80 %: 1.23x slower, 90 %: 1.03x slower, 95 %: 1.14x faster -> break-even ~91 %
-# by: python tools/benchmark.py -w sparse-blocks --repeats 5 --threads 1   (its "break-even" note)
-# Below it the dense path is faster: building the CSR index (a ``nonzero`` over the [N, hidden] activations)
-# costs about as much as the sparse second projection saves.
-SPARSE_FFN_BREAK_EVEN = 0.9
-# Rows per CSR chunk of the sparse path: keeps each chunk's [rows, hidden] activations in cache.
+# sparse path.  Measured on one CPU thread (2-core x86_64, torch 2.13), 100k voxels, C = 64, hidden = 256, whole
+# FFN forward with ReLU (sparsity forced by a per-unit bias shift), dense path time / sparse path time:
+#     50 %: 1.52x, 80 %: 2.01x, 90 %: 2.46x, 95 %: 2.19x; second projection alone 0.96x / 1.67x / 1.87x / 2.81x
+# by: python tools/benchmark.py -w sparse-blocks --repeats 5 --threads 1 --no-peak-memory
+# The whole-FFN gain at 50 % comes mostly from the chunking (no [N, hidden] tensor); the zero-skipping
+# second projection breaks even near 53 %, so "auto" switches at 55 %.
+SPARSE_FFN_BREAK_EVEN = 0.55
+# Voxels per chunk of the sparse path (a chunk's [rows, hidden] activations: 4 MB at hidden = 256).
 SPARSE_FFN_CHUNK = 4096
 # Rows sampled (evenly spaced) to estimate the ReLU sparsity for ``sparse_path="auto"``.
 _SPARSITY_SAMPLE_ROWS = 2048
@@ -49,46 +49,6 @@ def hidden_sparsity(h: torch.Tensor) -> float:
     return 0.0 if h.numel() == 0 else float((h == 0).sum()) / h.numel()
 
 
-class _CsrLinear(torch.autograd.Function):
-    """``h @ weight.T`` for a row-sparse ``h`` ``[n, H]`` given by its non-zeros.
-
-    Inputs: ``values`` ``[nnz]`` (differentiable), ``flat`` ``[nnz]`` int64 row-major flat indices ``row * H + col``
-    (sorted by row), ``crow`` ``[n + 1]`` row pointers, ``weight`` ``[C, H]``.  Forward is one
-    ``torch.sparse.mm`` on a CSR tensor; backward: ``grad_values = (grad @ weight)[flat]`` and
-    ``grad_weight = grad.T @ h`` (dense).
-    """
-
-    @staticmethod
-    def forward(ctx, values, flat, crow, weight):
-        n, hidden = crow.numel() - 1, weight.shape[1]
-        cols = flat.remainder(hidden)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Sparse CSR tensor support is in beta", UserWarning)
-            csr = torch.sparse_csr_tensor(crow, cols, values, (n, hidden), dtype=values.dtype, device=values.device,
-                                          check_invariants=False)
-            out = torch.sparse.mm(csr, weight.t())
-        ctx.save_for_backward(values, flat, weight)
-        ctx.n = n
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        values, flat, weight = ctx.saved_tensors
-        grad_values = grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_values = (grad @ weight).reshape(-1).index_select(0, flat)
-        if ctx.needs_input_grad[3]:
-            h = values.new_zeros(ctx.n * weight.shape[1]).index_copy_(0, flat, values).view(ctx.n, weight.shape[1])
-            grad_weight = grad.t() @ h
-        return grad_values, None, None, grad_weight
-
-
-def _csr_linear(values: torch.Tensor, flat: torch.Tensor, rows: int, weight: torch.Tensor) -> torch.Tensor:
-    hidden = weight.shape[1]
-    crow = torch.searchsorted(flat, torch.arange(0, (rows + 1) * hidden, hidden, device=flat.device))
-    return _CsrLinear.apply(values, flat, crow, weight)
-
-
 def _topk_mask(pre: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` largest entries of each row of ``pre`` ``[N, H]``: ``(values [N, k], columns [N, k])``, the
     columns in increasing order (ties: ``torch.topk``'s choice)."""
@@ -101,13 +61,11 @@ class SparseFFN(SparseModule):
     """Position-wise feed-forward block ``Linear -> ReLU | TopK -> Linear`` on voxel features, with a path that
     skips the zero hidden units in the second projection.
 
-    The sparse path builds, per chunk of :data:`SPARSE_FFN_CHUNK` voxels, a CSR matrix of the non-zero hidden
-    activations and multiplies it by the second weight (``torch.sparse.mm``), so the second projection costs
-    ``nnz x C`` multiply-adds instead of ``N x hidden x C``.  (Measured on CPU at 50/80/90/95 % sparsity,
-    100k voxels, C = 64, hidden = 256: CSR beats gathering the rows of ``W2`` active in any voxel of a block
-    of voxels, which with per-voxel sparsity keeps almost every unit active in blocks of 8 voxels or more.)
-    With ``activation="topk"`` the CSR comes straight from ``torch.topk``'s indices (no ``nonzero``).
-    Both paths give the same results and gradients up to floating-point summation order.
+    The sparse path runs the second projection through :func:`sparseconv.ops.sparse_rows_mm`: on the CPU in
+    float32 a fused kernel finds each voxel's non-zero hidden units with vector compares and accumulates only
+    those rows of ``W2``, so it costs about ``nnz x C`` multiply-adds instead of ``N x hidden x C`` (elsewhere
+    it is a plain ``mm``).  Both paths give the same results and gradients up to floating-point summation
+    order.
 
     Args:
         channels: input and output channels ``C``.
@@ -115,7 +73,7 @@ class SparseFFN(SparseModule):
         activation: ``"relu"``, or ``"topk"``: keep the ``k`` largest pre-activations of each voxel and zero the
             rest (the gradient reaches the kept entries only).
         k: kept hidden units per voxel with ``activation="topk"`` (``1 <= k <= hidden``).
-        sparse_path: ``True`` (always the CSR path), ``False`` (always dense), or ``"auto"``: the CSR path when
+        sparse_path: ``True`` (always the sparse path), ``False`` (always dense), or ``"auto"``: the sparse path when
             the hidden sparsity exceeds ``threshold``.  ReLU's sparsity is estimated on up to 2048 evenly
             spaced voxels; TopK's is ``1 - k / hidden``.
         threshold: break-even sparsity of ``"auto"`` (default :data:`SPARSE_FFN_BREAK_EVEN`).
@@ -175,58 +133,39 @@ class SparseFFN(SparseModule):
         return pre.new_zeros(pre.shape).scatter(1, idx, vals)
 
     def second_projection(self, h: torch.Tensor, sparse: bool) -> torch.Tensor:
-        """``fc2`` on hidden activations ``h`` ``[N, hidden]``, dense or through the CSR path (in chunks)."""
+        """``fc2`` on hidden activations ``h`` ``[N, hidden]``, dense or skipping the zeros of ``h``."""
         if not sparse:
             return self.fc2(h)
-        outs = []
-        for i in range(0, h.shape[0], SPARSE_FFN_CHUNK):
-            hc = h[i:i + SPARSE_FFN_CHUNK]
-            flat = (hc.detach().reshape(-1) != 0).nonzero().squeeze(1)
-            outs.append(_csr_linear(hc.reshape(-1).index_select(0, flat), flat, hc.shape[0], self.fc2.weight))
-        return self._finish(outs, h)
-
-    def _finish(self, outs, like: torch.Tensor) -> torch.Tensor:
-        out = torch.cat(outs) if outs else like.new_zeros(0, self.channels)
+        out = ops.sparse_rows_mm(h, self.fc2.weight.t())
         return out if self.fc2.bias is None else out + self.fc2.bias
 
-    def _estimated_relu_sparsity(self, pre: torch.Tensor) -> float:
-        n = pre.shape[0]
-        step = max(1, n // _SPARSITY_SAMPLE_ROWS)
-        sample = pre.detach()[::step]
-        return 0.0 if sample.numel() == 0 else float((sample <= 0).sum()) / sample.numel()
+    def _estimated_relu_sparsity(self, f: torch.Tensor) -> float:
+        """ReLU sparsity of the hidden layer on up to 2048 evenly spaced voxels of ``f``."""
+        n = f.shape[0]
+        if n == 0:
+            return 0.0
+        with torch.no_grad():
+            pre = self.fc1(f.detach()[:: max(1, n // _SPARSITY_SAMPLE_ROWS)])
+        return float((pre <= 0).sum()) / pre.numel()
 
     # ---------------------------------------------------------------- forward
     def forward(self, x: Features) -> Features:
         f = _features(x, "SparseFFN")
         if f.shape[1] != self.channels:
             raise ValueError(f"SparseFFN expects {self.channels} input channels, got {f.shape[1]}")
-        pre = self.fc1(f)
         if self.activation == "topk":
             sparsity = 1.0 - self.k / self.hidden
         else:
-            sparsity = self._estimated_relu_sparsity(pre)
+            sparsity = self._estimated_relu_sparsity(f)
         sparse = self.sparse_path is True or (self.sparse_path == "auto" and sparsity > self.threshold)
         self.last_sparsity, self.last_used_sparse = sparsity, bool(sparse)
-        n, hidden = pre.shape
-        if self.activation == "topk":
-            vals, idx = _topk_mask(pre, self.k)
-            if not sparse:
-                return _wrap(x, self.fc2(pre.new_zeros(pre.shape).scatter(1, idx, vals)))
-            outs = []
-            cols = torch.arange(n, device=pre.device).unsqueeze(1) * hidden + idx  # sorted per row
-            for i in range(0, n, SPARSE_FFN_CHUNK):
-                flat = (cols[i:i + SPARSE_FFN_CHUNK] - i * hidden).reshape(-1)
-                outs.append(_csr_linear(vals[i:i + SPARSE_FFN_CHUNK].reshape(-1), flat,
-                                        min(SPARSE_FFN_CHUNK, n - i), self.fc2.weight))
-            return _wrap(x, self._finish(outs, pre))
         if not sparse:
-            return _wrap(x, self.fc2(torch.relu(pre)))
-        outs = []
-        for i in range(0, n, SPARSE_FFN_CHUNK):
-            pc = pre[i:i + SPARSE_FFN_CHUNK]
-            flat = (pc.detach().reshape(-1) > 0).nonzero().squeeze(1)
-            outs.append(_csr_linear(pc.reshape(-1).index_select(0, flat), flat, pc.shape[0], self.fc2.weight))
-        return _wrap(x, self._finish(outs, pre))
+            return _wrap(x, self.fc2(self.hidden_activations(f)))
+        # Sparse path in chunks of voxels: a chunk's hidden activations stay in cache (and in reused heap
+        # memory) instead of one [N, hidden] tensor, and the second projection skips their zeros.
+        outs = [self.second_projection(self.hidden_activations(f[i:i + SPARSE_FFN_CHUNK]), True)
+                for i in range(0, f.shape[0], SPARSE_FFN_CHUNK)]
+        return _wrap(x, torch.cat(outs) if outs else f.new_zeros(0, self.channels))
 
 
 class SparseMoEFFN(SparseModule):
