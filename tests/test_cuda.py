@@ -381,6 +381,24 @@ def test_voxelize_errors_match_cpu():
     same_error(ops.voxelize, pts, None, (0.0, 0.1, 0.1), RANGE_LO, GRID, 1, -1, -1, "mean", False)
 
 
+# --------------------------------------------------------------------------- sparse_rows_mm
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sparse_rows_mm_matches_cpu(dtype):
+    gen = seeded("sparse-rows-mm", str(dtype))
+    a = torch.relu(torch.randn(3000, 256, generator=gen, dtype=dtype) - 1.0).requires_grad_()
+    b = torch.randn(256, 64, generator=gen, dtype=dtype, requires_grad=True)
+    ca, cb = cuda(a.detach()).requires_grad_(), cuda(b.detach()).requires_grad_()
+    out, cout = ops.sparse_rows_mm(a, b), ops.sparse_rows_mm(ca, cb)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(cout.cpu(), out, rtol=tol, atol=tol)
+    g = torch.randn(out.shape, generator=gen, dtype=dtype)
+    out.backward(g)
+    cout.backward(cuda(g))
+    torch.testing.assert_close(ca.grad.cpu(), a.grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(cb.grad.cpu(), b.grad, rtol=tol, atol=tol)
+    same_error(ops.sparse_rows_mm, a.detach(), b.detach()[:5])
+
+
 # --------------------------------------------------------------------------- a small network
 def test_network_forward_backward_matches_cpu():
     """Submanifold conv -> strided conv -> max pool -> transposed conv back, as ops, on both devices."""
