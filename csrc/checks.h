@@ -52,6 +52,15 @@ inline void check_sparse_rows_mm(const at::Tensor& a, const at::Tensor& b) {
   check_same_device(a, b, op, "a", "b");
 }
 
+// maxpool_backward (pool.h), after the backend's dtype check.
+inline void check_maxpool_backward_args(const at::Tensor& grad, const at::Tensor& argmax, int64_t num_in) {
+  const char* op = "maxpool_backward";
+  TORCH_CHECK_VALUE(argmax.sizes() == grad.sizes() && argmax.scalar_type() == at::kLong, "sparseconv.", op,
+                    ": argmax must be int64 with the shape of grad_out");
+  TORCH_CHECK_VALUE(num_in >= 0, "sparseconv.", op, ": num_in must be >= 0");
+  check_same_device(grad, argmax, op, "grad_out", "argmax");
+}
+
 // keys/values of a hash_build table (hash.h).
 inline void check_hash_table(const at::Tensor& keys, const at::Tensor& values, const char* op) {
   TORCH_CHECK_VALUE(keys.dim() == 1 && keys.scalar_type() == at::kLong && values.sizes() == keys.sizes() &&

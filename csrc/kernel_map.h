@@ -31,7 +31,29 @@
 
 #include <ATen/core/Tensor.h>
 
+#include "checks.h"
+#include "coords.h"
+
 namespace sparseconv {
+
+// The validated geometry of kmap_strided (both backends): input grid, output grid, kernel.
+struct StridedGeom {
+  Grid in, out;
+  KernelGeom g;
+};
+
+inline StridedGeom check_kmap_strided_args(const at::Tensor& coords, c10::IntArrayRef shape,
+                                           c10::IntArrayRef out_spatial, c10::IntArrayRef kernel_size,
+                                           c10::IntArrayRef stride, c10::IntArrayRef padding,
+                                           c10::IntArrayRef dilation) {
+  check_coords(coords, "kmap_strided", "coords");
+  const Grid in = make_grid(shape);
+  check_triple(out_spatial, "out_spatial_shape", 1, INT32_MAX);
+  const Grid out = make_grid({shape[0], out_spatial[0], out_spatial[1], out_spatial[2]});
+  const KernelGeom g = make_kernel_geom(kernel_size, stride, padding, dilation);
+  TORCH_CHECK_VALUE(coords.size(0) <= INT32_MAX, "sparseconv: more than 2^31 - 1 voxels are not supported");
+  return {in, out, g};
+}
 
 at::Tensor kmap_submanifold_cpu(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& coords,
                                 c10::IntArrayRef shape, c10::IntArrayRef kernel_size, c10::IntArrayRef dilation);

@@ -23,11 +23,15 @@
 //   Deterministic, independent of the thread count.  Not differentiable.
 #pragma once
 
+#include <cmath>
 #include <string>
+#include <utility>
 #include <tuple>
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
+
+#include "coords.h"
 #include <c10/util/Optional.h>
 
 namespace sparseconv {
@@ -44,6 +48,27 @@ inline VoxelReduce parse_voxel_reduce(c10::string_view r) {
   if (r == "pad") return kPad;
   TORCH_CHECK_VALUE(false, "sparseconv.voxelize: reduce must be one of mean, max, sum, first, count, pad; got '",
                     std::string(r), "'");
+}
+
+// The arguments of voxelize after the backend's dtype check: point shape, voxel size, range, grid
+// (ValueError naming the problem).  Returns the grid [batch_size, X, Y, Z] and the reduction.
+inline std::pair<Grid, VoxelReduce> check_voxelize_args(const at::Tensor& points, at::ArrayRef<double> voxel_size,
+                                                        at::ArrayRef<double> lower, c10::IntArrayRef grid_xyz,
+                                                        int64_t batch_size, int64_t max_points,
+                                                        c10::string_view reduce_name) {
+  TORCH_CHECK_VALUE(points.size(1) >= 3, "sparseconv.voxelize: points must be [N, C] with C >= 3 (x, y, z first), "
+                    "got shape ", points.sizes());
+  TORCH_CHECK_VALUE(voxel_size.size() == 3 && lower.size() == 3, "sparseconv.voxelize: voxel_size and lower need 3 values");
+  for (double v : voxel_size) {
+    TORCH_CHECK_VALUE(std::isfinite(v) && v > 0, "sparseconv.voxelize: voxel_size must be positive, got ", voxel_size);
+  }
+  for (double v : lower) TORCH_CHECK_VALUE(std::isfinite(v), "sparseconv.voxelize: the range must be finite");
+  check_triple(grid_xyz, "grid", 1, INT32_MAX);
+  const Grid grid = make_grid({batch_size, grid_xyz[0], grid_xyz[1], grid_xyz[2]});
+  const VoxelReduce reduce = parse_voxel_reduce(reduce_name);
+  TORCH_CHECK_VALUE(reduce != kPad || max_points >= 1, "sparseconv.voxelize: reduce='pad' needs max_points >= 1");
+  TORCH_CHECK_VALUE(points.size(0) <= INT32_MAX, "sparseconv.voxelize: more than 2^31 - 1 points are not supported");
+  return {grid, reduce};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(

@@ -41,7 +41,7 @@ void gemm_pairs_generic(int64_t m, int64_t n, int64_t k, const float* const* a_p
 }
 
 void sparse_rows_generic(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                         float* c, int64_t ldc) {
+                         float* c, int64_t ldc, int32_t* /*idx*/) {
   for (int64_t r = 0; r < m; ++r) {
     float* cr = c + r * ldc;
     for (int64_t j = 0; j < n; ++j) cr[j] = 0.f;

@@ -14,10 +14,11 @@
 //   kernel offset, sum over its pairs of feats[src]^T grad[dst], read through
 //   row pointers (no packing).
 //
-// sparse_rows(m, n, k, a, lda, b, ldb, c, ldc):
+// sparse_rows(m, n, k, a, lda, b, ldb, c, ldc, idx):
 //   C[r, 0:n) = sum over p with a[r, p] != 0 of a[r, p] * B[p, 0:n)   (C overwritten)
 //   for r in [0, m): a row-major product that skips the zeros of A, found by
-//   vector compares (sparse_mm.h).
+//   vector compares (sparse_mm.h).  idx: caller scratch of k int32 (the ISA
+//   translation units allocate nothing).
 //
 // gemm_rows_f32() / gemm_pairs_f32() / sparse_rows_f32() return the best variant this CPU runs (AVX-512, AVX2+FMA
 // or portable C++), chosen once from the CPU's feature flags.  The ISA
@@ -39,15 +40,15 @@ using GemmPairsFn = void (*)(int64_t m, int64_t n, int64_t k, const float* const
                              float* c, int64_t ldc);
 
 using SparseRowsFn = void (*)(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b,
-                              int64_t ldb, float* c, int64_t ldc);
+                              int64_t ldb, float* c, int64_t ldc, int32_t* idx);
 
 void sparse_rows_generic(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                         float* c, int64_t ldc);
+                         float* c, int64_t ldc, int32_t* idx);
 #if defined(__x86_64__) || defined(_M_X64)
 void sparse_rows_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                        float* c, int64_t ldc);
+                        float* c, int64_t ldc, int32_t* idx);
 void sparse_rows_avx2(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                      float* c, int64_t ldc);
+                      float* c, int64_t ldc, int32_t* idx);
 #endif
 
 void gemm_pairs_generic(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,

@@ -3,6 +3,10 @@
 // target attribute below; run only when the CPU reports avx512f.
 #if defined(__x86_64__) || defined(_M_X64)
 
+// Standard headers before the target pragma, so nothing of theirs is compiled for this ISA.
+#include <cstdint>
+#include <type_traits>
+
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,fma,avx2"))), apply_to = function)
 #elif defined(__GNUC__)
@@ -11,8 +15,6 @@
 #endif
 
 #include <immintrin.h>
-
-#include <vector>
 
 #include "gemm_rows.h"
 #include "gemm_rows_simd.h"
@@ -49,9 +51,8 @@ void gemm_rows_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_row
 }
 
 void sparse_rows_avx512(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b, int64_t ldb,
-                    float* c, int64_t ldc) {
-  std::vector<int32_t> idx(k > 0 ? k : 1);
-  simd::sparse_rows<V512>(m, n, k, a, lda, b, ldb, c, ldc, idx.data());
+                    float* c, int64_t ldc, int32_t* idx) {
+  simd::sparse_rows<V512>(m, n, k, a, lda, b, ldb, c, ldc, idx);
 }
 
 void gemm_pairs_avx512(int64_t m, int64_t n, int64_t k, const float* const* a_ptrs, const float* const* b_ptrs,

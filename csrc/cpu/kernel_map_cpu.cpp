@@ -137,14 +137,12 @@ std::tuple<at::Tensor, at::Tensor> kmap_strided_cpu(const at::Tensor& coords_in,
                                                     c10::IntArrayRef out_spatial, c10::IntArrayRef kernel_size,
                                                     c10::IntArrayRef stride, c10::IntArrayRef padding,
                                                     c10::IntArrayRef dilation, bool transposed) {
-  check_coords(coords_in, "kmap_strided", "coords");
-  const Grid in_grid = make_grid(shape);
-  check_triple(out_spatial, "out_spatial_shape", 1, INT32_MAX);
-  const Grid out_grid = make_grid({shape[0], out_spatial[0], out_spatial[1], out_spatial[2]});
-  const KernelGeom g = make_kernel_geom(kernel_size, stride, padding, dilation);
+  const StridedGeom geom =
+      check_kmap_strided_args(coords_in, shape, out_spatial, kernel_size, stride, padding, dilation);
+  const Grid in_grid = geom.in, out_grid = geom.out;
+  const KernelGeom g = geom.g;
   const at::Tensor coords = coords_in.contiguous();
   const int64_t n = coords.size(0);
-  TORCH_CHECK_VALUE(n <= INT32_MAX, "sparseconv: more than 2^31 - 1 voxels are not supported");
   const int64_t kvol = g.volume();
   const int32_t* c = coords.data_ptr<int32_t>();
 

@@ -71,9 +71,7 @@ at::Tensor maxpool_backward_cpu(const at::Tensor& grad_in, const at::Tensor& arg
   const char* op = "maxpool_backward";
   check_feats(grad_in, op, "grad_out");
   check_cpu_dtype(grad_in, op);
-  TORCH_CHECK_VALUE(argmax_in.sizes() == grad_in.sizes() && argmax_in.scalar_type() == at::kLong, "sparseconv.", op,
-                    ": argmax must be int64 with the shape of grad_out");
-  TORCH_CHECK_VALUE(num_in >= 0, "sparseconv.", op, ": num_in must be >= 0");
+  check_maxpool_backward_args(grad_in, argmax_in, num_in);
   const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.contiguous();
   const int64_t m = grad.size(0), c = grad.size(1);
   at::Tensor gi = at::zeros({num_in, c}, grad.options());

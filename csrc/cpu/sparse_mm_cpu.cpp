@@ -1,3 +1,5 @@
+#include <vector>
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -20,7 +22,8 @@ at::Tensor sparse_rows_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
-    fn(end - begin, n, k, ap + begin * k, k, bp, n, op + begin * n, n);
+    std::vector<int32_t> idx(k > 0 ? k : 1);
+    fn(end - begin, n, k, ap + begin * k, k, bp, n, op + begin * n, n, idx.data());
   });
   return out;
 }

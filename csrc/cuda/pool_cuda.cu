@@ -126,10 +126,7 @@ at::Tensor maxpool_backward_cuda(const at::Tensor& grad_in, const at::Tensor& ar
   const char* op = "maxpool_backward";
   check_feats(grad_in, op, "grad_out");
   check_cuda_dtype(grad_in, op);
-  TORCH_CHECK_VALUE(argmax_in.sizes() == grad_in.sizes() && argmax_in.scalar_type() == at::kLong, "sparseconv.", op,
-                    ": argmax must be int64 with the shape of grad_out");
-  TORCH_CHECK_VALUE(num_in >= 0, "sparseconv.", op, ": num_in must be >= 0");
-  check_same_device(grad_in, argmax_in, op, "grad_out", "argmax");
+  check_maxpool_backward_args(grad_in, argmax_in, num_in);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const at::Tensor grad = grad_in.contiguous(), argmax = argmax_in.contiguous();
   const int64_t c = grad.size(1);

@@ -28,21 +28,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
   TORCH_CHECK_TYPE(points_in.scalar_type() == at::kFloat || points_in.scalar_type() == at::kDouble,
                    "sparseconv.voxelize: the CUDA kernel supports float32 and float64 points, got ",
                    points_in.scalar_type());
-  TORCH_CHECK_VALUE(points_in.size(1) >= 3, "sparseconv.voxelize: points must be [N, C] with C >= 3 (x, y, z first), "
-                    "got shape ", points_in.sizes());
-  TORCH_CHECK_VALUE(voxel_size.size() == 3 && lower.size() == 3, "sparseconv.voxelize: voxel_size and lower need 3 values");
-  for (double v : voxel_size) {
-    TORCH_CHECK_VALUE(std::isfinite(v) && v > 0, "sparseconv.voxelize: voxel_size must be positive, got ", voxel_size);
-  }
-  for (double v : lower) TORCH_CHECK_VALUE(std::isfinite(v), "sparseconv.voxelize: the range must be finite");
-  check_triple(grid_xyz, "grid", 1, INT32_MAX);
-  const Grid grid = make_grid({batch_size, grid_xyz[0], grid_xyz[1], grid_xyz[2]});
-  const Reduce reduce = parse_voxel_reduce(reduce_name);
-  TORCH_CHECK_VALUE(reduce != kPad || max_points >= 1, "sparseconv.voxelize: reduce='pad' needs max_points >= 1");
+  // Plain names, not structured bindings: lambdas below capture them (C++17 builds, torch < 2.13).
+  const std::pair<Grid, VoxelReduce> args =
+      check_voxelize_args(points_in, voxel_size, lower, grid_xyz, batch_size, max_points, reduce_name);
+  const Grid grid = args.first;
+  const Reduce reduce = args.second;
   const c10::cuda::CUDAGuard guard(points_in.device());
   const at::Tensor points = points_in.contiguous();
   const int64_t n = points.size(0), c = points.size(1);
-  TORCH_CHECK_VALUE(n <= INT32_MAX, "sparseconv.voxelize: more than 2^31 - 1 points are not supported");
   const at::ScalarType dt = points.scalar_type();
   const at::Device dev = points.device();
   const auto long_opts = points.options().dtype(at::kLong);
