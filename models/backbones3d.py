@@ -15,6 +15,8 @@ import torch
 from sparseconv import SparseTensor
 from sparseconv import nn as snn
 
+from .registry import register_model
+
 __all__ = ["VoxelBackBone8x", "height_compression"]
 
 
@@ -26,6 +28,7 @@ def _block(cin, cout, kernel_size, stride=1, padding=0, conv="subm", indice_key=
     return snn.SparseSequential(layer, snn.BatchNorm(cout, eps=1e-3, momentum=0.01), snn.ReLU())
 
 
+@register_model("voxel_backbone8x")
 class VoxelBackBone8x(snn.SparseModule):
     """SECOND's sparse 3D backbone (OpenPCDet ``VoxelBackBone8x``): strides 1, 2, 4, 8, then a
     z-downsampling conv.
