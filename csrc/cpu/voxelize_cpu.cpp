@@ -33,15 +33,34 @@ namespace {
 using Reduce = VoxelReduce;
 
 
+// Scratch of one group of points in the split first-appearance pass (see voxelize_cpu): its own
+// table and voxels in local first-appearance order, and their global ids / rank offsets.
+template <typename K>
+struct GroupBufs {
+  std::vector<K> table, vkey;
+  std::vector<int32_t> vcount, vslot, gmap, goff;
+};
+
 // Scratch buffers of one calling thread (see voxelize_cpu).
 struct Workspace {
   std::vector<uint32_t> key32, table32, vkey32, skey32, skey32_tmp;
   std::vector<uint64_t> key64, table64, vkey64, skey64, skey64_tmp;
-  std::vector<int32_t> idx, pslot, vpts, vcount, vslot, sv, sv_tmp, rank;
+  std::vector<int32_t> idx, pslot, vpts, vcount, vslot, sv, sv_tmp, rank, csr, csr_start;
   std::vector<int64_t> chunk_valid, chunk_nonfinite, hist;
   std::vector<float> accf;
   std::vector<double> accd;
+  std::vector<GroupBufs<uint32_t>> groups32;
+  std::vector<GroupBufs<uint64_t>> groups64;
 };
+
+template <typename K>
+std::vector<GroupBufs<K>>& group_bufs(Workspace& ws) {
+  if constexpr (std::is_same<K, uint32_t>::value) {
+    return ws.groups32;
+  } else {
+    return ws.groups64;
+  }
+}
 
 // Open-addressing hash table (linear probing, power-of-two capacity) from a voxel key to its
 // voxel id, in the calling thread's workspace.  Between calls every slot holds the empty key:
@@ -300,6 +319,23 @@ inline void copy_row(scalar_t* out, const scalar_t* row, int64_t c) {
   }
 }
 
+// Folds one more kept point into a voxel's running reduction (max, mean/sum, first).
+template <int CC, typename scalar_t>
+inline void fold_row(scalar_t* a, const scalar_t* row, int64_t c, Reduce reduce) {
+  const int64_t cols = CC > 0 ? CC : c;
+  switch (reduce) {
+    case kMax:
+      for (int64_t k = 0; k < cols; ++k) a[k] = std::max(a[k], row[k]);
+      break;
+    case kMean:
+    case kSum:
+      for (int64_t k = 0; k < cols; ++k) a[k] = a[k] + row[k];
+      break;
+    default:  // kFirst
+      break;
+  }
+}
+
 template <typename scalar_t>
 std::vector<scalar_t>& acc_buf(Workspace& ws) {
   if constexpr (std::is_same<scalar_t, float>::value) {
@@ -455,22 +491,147 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           scalar_t* a = acc + v * cols;
           if (s == 0) {
             copy_row<CC>(a, row, c);
-            return;
-          }
-          switch (reduce) {
-            case kMax:
-              for (int64_t k = 0; k < cols; ++k) a[k] = std::max(a[k], row[k]);
-              break;
-            case kMean:
-            case kSum:
-              for (int64_t k = 0; k < cols; ++k) a[k] = a[k] + row[k];
-              break;
-            default:  // kFirst
-              break;
+          } else {
+            fold_row<CC>(a, row, c, reduce);
           }
         });
       };
-      switch (mode) {
+      // The first-appearance pass split over `groups` groups of consecutive chunks:
+      //  1. in parallel, each group walks its points in order through its own table: local voxel
+      //     ids in local first-appearance order and each point's local rank (group 0 uses the
+      //     global table, so its ids are global and max_voxels applies to it directly);
+      //  2. sequentially, the voxels of groups 1, 2, ... in their local order are looked up in (or
+      //     added to) the global table: this is exactly the global first-appearance order, since
+      //     every point of group g comes after those of groups < g.  A voxel's rank offset in group
+      //     g is its count over the groups before;
+      //  3. in parallel, each point's global voxel and rank (kept when below max_points); the
+      //     running reductions are then computed voxel by voxel over the points in input order, so
+      //     the sums are bit-identical to the sequential pass.
+      auto assign_split = [&](int64_t groups) {
+        const int64_t mp_lim = as.max_points;
+        as.max_points = INT64_MAX;  // raw ranks and counts first
+        auto& gb = group_bufs<K>(ws);
+        if (static_cast<int64_t>(gb.size()) < groups) gb.resize(groups);
+        std::vector<Assign<K>> gas(groups);
+        int32_t* rank_of = cpu::scratch(ws.pslot, n);  // local, then global rank of each point
+        auto chunk_lo = [&](int64_t g) { return g * num_chunks / groups; };
+        at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+          for (int64_t g = g0; g < g1; ++g) {
+            Assign<K>& a = g == 0 ? as : gas[g];
+            if (g > 0) {
+              int64_t m = 0;
+              for (int64_t chunk = chunk_lo(g); chunk < chunk_lo(g + 1); ++chunk) m += chunk_valid[chunk];
+              a.pv = pv;
+              a.vkey = cpu::scratch(gb[g].vkey, m);
+              a.vcount = cpu::scratch(gb[g].vcount, m);
+              a.vslot = cpu::scratch(gb[g].vslot, m);
+              a.table = KeyTable<K>::make(gb[g].table, m);
+              a.max_voxels = INT64_MAX;
+              a.max_points = INT64_MAX;
+            }
+            for (int64_t chunk = chunk_lo(g); chunk < chunk_lo(g + 1); ++chunk) {
+              a.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk],
+                    [&](int64_t i, int64_t, int32_t s, bool) { rank_of[i] = s; });
+            }
+            if (g > 0) a.clear_table();
+          }
+        });
+        for (int64_t g = 1; g < groups; ++g) {
+          const Assign<K>& a = gas[g];
+          int32_t* gmap = cpu::scratch(gb[g].gmap, a.nv);
+          int32_t* goff = cpu::scratch(gb[g].goff, a.nv);
+          constexpr int64_t kAhead = 32;
+          for (int64_t lv = 0; lv < a.nv; ++lv) {
+            if (lv + kAhead < a.nv) __builtin_prefetch(as.table.slots + 2 * as.table.home(a.vkey[lv + kAhead]));
+            const K k = a.vkey[lv];
+            const int64_t v = as.probe(k, as.table.home(k));
+            gmap[lv] = static_cast<int32_t>(v);
+            if (v < 0) {
+              goff[lv] = 0;
+              as.over_voxels += a.vcount[lv];
+              continue;
+            }
+            goff[lv] = as.vcount[v];
+            as.vcount[v] += a.vcount[lv];
+          }
+        }
+        for (int64_t v = 0; v < as.nv; ++v) {
+          if (as.vcount[v] > mp_lim) {
+            as.over_points += as.vcount[v] - mp_lim;
+            as.vcount[v] = static_cast<int32_t>(mp_lim);
+          }
+        }
+        as.max_points = mp_lim;
+        int32_t* start = nullptr;
+        int32_t* csr = nullptr;
+        if (mode == kAccumulate) {  // the kept points of each voxel, in input order
+          start = cpu::scratch(ws.csr_start, as.nv + 1);
+          start[0] = 0;
+          for (int64_t v = 0; v < as.nv; ++v) start[v + 1] = start[v] + as.vcount[v];
+          csr = cpu::scratch(ws.csr, start[as.nv]);
+        }
+        at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+          for (int64_t g = g0; g < g1; ++g) {
+            const int32_t* gmap = g > 0 ? gb[g].gmap.data() : nullptr;
+            const int32_t* goff = g > 0 ? gb[g].goff.data() : nullptr;
+            for (int64_t chunk = chunk_lo(g); chunk < chunk_lo(g + 1); ++chunk) {
+              for (int64_t j = chunk * kChunk; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
+                const int64_t i = idx[j];
+                const int64_t lv = pv[i];
+                if (lv < 0) continue;  // group 0: beyond max_voxels
+                const int64_t v = gmap ? gmap[lv] : lv;
+                const int64_t s = (goff ? goff[lv] : 0) + rank_of[i];
+                if (v < 0 || s >= mp_lim) {
+                  pv[i] = -1;
+                  continue;
+                }
+                pv[i] = v;
+                switch (mode) {
+                  case kList:
+                    vpts[v * max_points + s] = static_cast<int32_t>(i);
+                    break;
+                  case kRank:
+                    rank_of[i] = static_cast<int32_t>(s);
+                    break;
+                  case kAccumulate:
+                    csr[start[v] + s] = static_cast<int32_t>(i);
+                    break;
+                  case kNone:
+                    break;
+                }
+              }
+            }
+          }
+        });
+        if (mode == kAccumulate) {
+          auto reduce_voxels = [&](auto cc_tag) {
+            constexpr int CC = decltype(cc_tag)::value;
+            const int64_t cols = CC > 0 ? CC : c;
+            at::parallel_for(0, as.nv, kParallelVoxels, [&](int64_t b, int64_t e) {
+              for (int64_t v = b; v < e; ++v) {
+                const int32_t* list = csr + start[v];
+                const int64_t m = as.vcount[v];
+                scalar_t* a = acc + v * cols;
+                if (m == 0) continue;
+                copy_row<CC>(a, p + list[0] * cols, c);
+                for (int64_t s = 1; s < m; ++s) fold_row<CC>(a, p + list[s] * cols, c, reduce);
+              }
+            });
+          };
+          if (c == 4) {
+            reduce_voxels(std::integral_constant<int, 4>());
+          } else {
+            reduce_voxels(std::integral_constant<int, 0>());
+          }
+        }
+      };
+      // With several threads and enough points, the pass is split over groups of consecutive
+      // chunks (assign_split below); the result is the same.
+      const int64_t groups = std::min<int64_t>(at::get_num_threads(), num_chunks / kParallelChunks);
+      if (groups > 1) {
+        assign_split(groups);
+      } else {
+        switch (mode) {
         case kList:
           assign_all([&](int64_t i, int64_t v, int32_t s, bool keep) {
             if (keep) vpts[v * max_points + s] = static_cast<int32_t>(i);
@@ -489,6 +650,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         case kNone:
           assign_all([](int64_t, int64_t, int32_t, bool) {});
           break;
+        }
       }
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) nonfinite += chunk_nonfinite[chunk];
       as.clear_table();
