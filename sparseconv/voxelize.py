@@ -275,7 +275,10 @@ def devoxelize(
     grid = x.coordinate_set.grid
     feats = x.features
     if mode == "nearest":
-        cell = torch.floor(u)
+        # The cell in the points' own floating type, exactly as voxelize computes it, so that a
+        # point within rounding of a voxel face finds the voxel voxelize put it in.
+        dt = points.dtype if points.dtype in (torch.float32, torch.float64) else torch.float64
+        cell = torch.floor((points[:, :3].to(dt) - origin.to(dt)) / vs.to(dt)).to(torch.float64)
         ok = torch.isfinite(cell).all(1)
         cell = torch.where(ok.unsqueeze(1), cell, torch.full_like(cell, -1)).clamp(-1, 2**31 - 1).to(torch.int32)
         rows = ops.hash_query(keys, values, torch.cat([b.unsqueeze(1), cell], 1), grid)

@@ -462,3 +462,14 @@ def test_padded_outputs_are_independent_across_calls():
     assert torch.equal(view, keep[0][:10]) and torch.equal(again.voxels, keep[0])
     shared = again.voxels.share_memory_()
     assert torch.equal(shared, keep[0])
+
+
+def test_devoxelize_nearest_uses_voxelize_arithmetic_at_a_voxel_face():
+    """A float32 point within rounding of a face: float32 and float64 place it in different voxels;
+    devoxelize must find the voxel voxelize put it in."""
+    x = np.float32(0.7999998)  # float32: voxel 33, float64: voxel 32
+    assert np.floor((x - np.float32(-12.4)) / np.float32(0.4)) != np.floor((np.float64(x) + 12.4) / 0.4)
+    pts = torch.tensor([[x, 0.1, 0.1, 7.0], [1.0, 0.1, 0.1, 3.0]], dtype=torch.float32)
+    vox = sc.voxelize(pts, (0.4, 0.4, 0.4), (-12.4, -2, -2, 12.4, 2, 2))
+    back = sc.devoxelize(vox.tensor, pts, mode="nearest")
+    torch.testing.assert_close(back, vox.tensor.features[vox.point_to_voxel], rtol=0, atol=0)
