@@ -5,7 +5,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from . import demo, info, sparsity, synth, view, voxelize
+from . import demo, info, segment, sparsity, synth, view, voxelize
 
 EPILOG = """examples:
   sparseconv demo                                   # SECOND backbone on a built-in simulated scan
@@ -18,6 +18,7 @@ EPILOG = """examples:
       --labels ../shared/data/kitti/label_2/000000.txt --calib ../shared/data/kitti/calib/000000.txt
   sparseconv synth --out data/synth --scenes 100 --seed 0 --layout both --workers 2   # simulated, labelled
   sparseconv sparsity --checkpoint second.pt --data ../shared/data/kitti/velodyne --scans 20 --plot sparsity.png
+  sparseconv segment data/synth/sequences/08/velodyne -o pred/ --config configs/minkunet_synth.yaml --ckpt CKPT --ply
 
   sparseconv bench --workload voxelize --repeats 30  # timings against spconv, side by side
   sparseconv bench -w layers -w minkunet --threads 1 # sparse layers and a U-Net vs spconv, dense, torch.mm
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_parser(sub)
     synth.add_parser(sub)
     sparsity.add_parser(sub)
+    segment.add_parser(sub)
     _add_bench_parser(sub)
     return parser
 

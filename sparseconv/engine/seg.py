@@ -469,7 +469,8 @@ def resolve_class_weights(cfg: Mapping[str, Any], env: Optional[DistEnv] = None,
                           log=print) -> Optional[torch.Tensor]:
     """The class weights of ``loss.class_weights``: None, the given list, or the inverse square root of
     the voxel-label frequencies of the unaugmented training split, read from the cache
-    (:func:`class_weights_path`) or counted (on rank 0, the others wait) and cached atomically.
+    (:func:`class_weights_path`) or counted (on rank 0, the others wait) and cached atomically. A
+    cache counted over another number of training scans (a dataset that has grown) is recounted.
 
     Raises:
         OSError: the cache cannot be written (set ``loss.class_weights_cache`` to a writable path).
@@ -484,9 +485,19 @@ def resolve_class_weights(cfg: Mapping[str, Any], env: Optional[DistEnv] = None,
         return torch.tensor([float(v) for v in w], dtype=torch.float32)
     path = class_weights_path(cfg)
     main = env is None or env.is_main
-    if main and not os.path.isfile(path):
-        t0 = time.perf_counter()
+    if main:
         ds = build_seg_dataset(cfg, cfg["data"]["train_split"])
+        stale = False
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as f:
+                    stale = json.load(f).get("scans") != len(ds)
+            except (OSError, ValueError):
+                stale = True
+            if stale:
+                log(f"{path} was counted over another number of training scans: recounting")
+    if main and (stale or not os.path.isfile(path)):
+        t0 = time.perf_counter()
         log(f"counting voxel labels of {len(ds)} training scans for the class weights (once; cached in {path})")
         counts = class_counts(ds, seg_collate_fn(cfg), c, workers=int(cfg["train"]["workers"]))
         weights = class_weights_from_counts(counts)
@@ -725,7 +736,7 @@ def evaluate(model: torch.nn.Module, loader, eval_classes: Sequence[int], num_cl
             _synchronize(device)
             times.append(((time.perf_counter() - t0) / bsz, bsz))
             labels = batch["labels"]
-            inside = batch["point_to_voxel"] >= -1
+            inside = batch["point_to_voxel"] >= 0
             outside += int(((labels > 0) & ~inside).sum())
             meter.update(pred.cpu()[inside].numpy(), labels[inside].numpy())
             scans += bsz
