@@ -74,6 +74,7 @@ _pkgs = _packages()
 setup(
     packages=sorted(_pkgs),
     package_dir=_pkgs,
+    package_data={"sparseconv.models": ["weights/*.pt", "weights/*.md"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )

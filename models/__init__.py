@@ -14,6 +14,7 @@ from .nms import batched_circle_nms, batched_rotated_nms, boxes_iou_bev, circle_
 from .anchor_head import AnchorHeadSingle
 from .center_head import CenterHead, CenterHeadAttn
 from .detectors import SECOND, CenterPoint, CenterPointAttn
+from .pretrained import list_pretrained, load_pretrained
 from .segmentation import (MinkUNet, SparseUNetAttn, lovasz_softmax, segmentation_loss, synthetic_volume,
                            volume_batch, voxel_labels_from_points, voxel_to_point_labels)
 
@@ -25,5 +26,5 @@ __all__ = [
     "batched_rotated_nms", "batched_circle_nms", "AnchorHeadSingle", "CenterHead", "CenterHeadAttn",
     "SECOND", "CenterPoint", "CenterPointAttn",
     "MinkUNet", "SparseUNetAttn", "segmentation_loss", "lovasz_softmax", "voxel_to_point_labels",
-    "voxel_labels_from_points", "synthetic_volume", "volume_batch",
+    "voxel_labels_from_points", "synthetic_volume", "volume_batch", "list_pretrained", "load_pretrained",
 ]

@@ -129,8 +129,15 @@ def load_bev_points(path: str, color: str) -> Tuple[np.ndarray, np.ndarray, str,
 
 
 def render_bev(xyz, values, value_label, out_path, bev_range, size=None, boxes=None, box_types=None,
-               title="") -> None:
-    """Draws points (and LiDAR boxes ``[M, 7]``) seen from above into a PNG, atomically."""
+               title="", box_sets=()) -> None:
+    """Draws points (and LiDAR boxes ``[M, 7]``) seen from above into a PNG, atomically.
+
+    ``boxes`` / ``box_types`` are drawn in their class colours (:data:`CLASS_COLORS`). ``box_sets``
+    adds more groups of boxes, each a dict with ``boxes`` ``[M, 7]`` and optionally ``types``
+    (``[M]`` class names), ``color`` (one colour for the group instead of the class colours),
+    ``linestyle`` (e.g. ``"--"``), ``label`` (one legend entry for the group instead of one per
+    class) and ``scores`` (``[M]``, written beside each box).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -177,18 +184,28 @@ def render_bev(xyz, values, value_label, out_path, bev_range, size=None, boxes=N
         cb.set_label(value_label, color="white")
         cb.ax.tick_params(colors="white")
         shown = {}
-        if boxes is not None and len(boxes):
-            corners = box_corners_bev(boxes)
-            outline = [patheffects.withStroke(linewidth=3.5, foreground="black")]  # readable on any point colour
-            for box, quad, kind in zip(np.asarray(boxes), corners, box_types):
-                c = CLASS_COLORS.get(str(kind), "#80ff80")
+        sets = [{"boxes": boxes, "types": box_types}] if boxes is not None else []
+        outline = [patheffects.withStroke(linewidth=3.5, foreground="black")]  # readable on any point colour
+        for group in list(sets) + list(box_sets or ()):
+            group_boxes = np.asarray(group["boxes"], np.float64).reshape(-1, 7)
+            if not len(group_boxes):
+                continue
+            types = group.get("types")
+            types = ["box"] * len(group_boxes) if types is None else [str(t) for t in types]
+            scores = group.get("scores")
+            ls = group.get("linestyle", "-")
+            for i, (box, quad) in enumerate(zip(group_boxes, box_corners_bev(group_boxes))):
+                c = group.get("color") or CLASS_COLORS.get(types[i], "#80ff80")
                 ring = np.vstack([quad, quad[:1]])
-                ax.plot(ring[:, 0], ring[:, 1], color=c, linewidth=1.5, zorder=3, path_effects=outline)
+                ax.plot(ring[:, 0], ring[:, 1], color=c, linewidth=1.5, linestyle=ls, zorder=3, path_effects=outline)
                 front = quad[[0, 3]].mean(0)
                 ax.plot([box[0], front[0]], [box[1], front[1]], color=c, linewidth=1.5, zorder=3, path_effects=outline)
-                shown[str(kind)] = c
+                if scores is not None:
+                    ax.text(quad[:, 0].max(), quad[:, 1].max(), f"{float(scores[i]):.2f}", color=c, fontsize=6,
+                            zorder=4, clip_on=True, path_effects=outline)
+                shown[group.get("label") or types[i]] = (c, ls)
         if shown:
-            handles = [Line2D([], [], color=c, label=k) for k, c in shown.items()]
+            handles = [Line2D([], [], color=c, linestyle=ls, label=k) for k, (c, ls) in shown.items()]
             leg = ax.legend(handles=handles, loc="upper right", fontsize=8, facecolor="black", edgecolor="gray")
             for t in leg.get_texts():
                 t.set_color("white")
