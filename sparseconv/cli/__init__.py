@@ -8,9 +8,10 @@ from typing import List, Optional
 from . import demo, info, segment, sparsity, synth, view, voxelize
 
 EPILOG = """examples:
-  sparseconv demo                                   # SECOND backbone on a built-in simulated scan
-  sparseconv demo --input ../shared/data/kitti/velodyne/000000.bin
-  sparseconv demo --input scan.bin --front --json   # KITTI front view, machine-readable output
+  sparseconv demo                                   # the shipped detector on a simulated scan -> demo_bev.png
+  sparseconv demo --input ../shared/data/kitti/velodyne/000000.bin \
+      --labels ../shared/data/kitti/label_2/000000.txt --calib ../shared/data/kitti/calib/000000.txt
+  sparseconv demo --input scan.bin --json --check-dense   # machine-readable; backbone vs dense conv3d
   sparseconv voxelize ../shared/data/kitti/velodyne -o voxels/ --voxel-size 0.05 0.05 0.1 --workers 2
   sparseconv voxelize 'scans/*.bin' -o voxels/ --reduce max --max-points 5 --format ply
   sparseconv info ../shared/data/kitti/velodyne/000000.bin voxels/000000.npz --json
