@@ -2,33 +2,21 @@
 from __future__ import annotations
 
 import math
-import operator
 from typing import List, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ._utils import int_arg
 from .registry import register_model
 
 __all__ = ["BaseBEVBackbone"]
 
 
-def _int_arg(value, name: str, minimum: int = 1) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        out = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
-    if out < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return out
-
-
 def _int_list(value, name: str) -> List[int]:
     if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
         raise ValueError(f"{name} must be a sequence of positive ints, got {value!r}")
-    return [_int_arg(v, f"{name} (got {tuple(value)}) entries") for v in value]
+    return [int_arg(v, f"{name} (got {tuple(value)}) entries") for v in value]
 
 
 def _bn(channels: int) -> torch.nn.BatchNorm2d:
@@ -94,10 +82,10 @@ class BaseBEVBackbone(torch.nn.Module):
                  upsample_strides: Sequence[float] = (1, 2), num_upsample_filters: Sequence[int] = (256, 256),
                  use_conv_for_no_stride: bool = False):
         super().__init__()
-        self.input_channels = _int_arg(input_channels, "input_channels")
+        self.input_channels = int_arg(input_channels, "input_channels")
         if isinstance(layer_nums, (str, bytes)) or not hasattr(layer_nums, "__len__"):
             raise ValueError(f"layer_nums must be a sequence of ints >= 0, got {layer_nums!r}")
-        layer_nums = [_int_arg(n, f"layer_nums (got {tuple(layer_nums)}) entries", 0) for n in layer_nums]
+        layer_nums = [int_arg(n, f"layer_nums (got {tuple(layer_nums)}) entries", 0) for n in layer_nums]
         layer_strides = _int_list(layer_strides, "layer_strides")
         num_filters = _int_list(num_filters, "num_filters")
         num_upsample_filters = _int_list(num_upsample_filters, "num_upsample_filters")

@@ -29,7 +29,6 @@ only).  ``out_spatial_shape`` and ``num_bev_features`` (channels of
 """
 from __future__ import annotations
 
-import operator
 from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
@@ -37,6 +36,7 @@ import torch
 from sparseconv import SparseTensor
 from sparseconv import nn as snn
 
+from ._utils import int_arg
 from .registry import register_model
 
 __all__ = ["VoxelBackBone8x", "VoxelResBackBone8x", "VoxelBackBone8xAttn", "SparseBasicBlock",
@@ -73,7 +73,7 @@ def _grid_geometry(grid_size: Sequence[int], last_pad: Optional[int]):
     if last_pad is None:
         pad_out = 0 if z4 >= 3 else (4 - z4) // 2
     else:
-        pad_out = _int_arg(last_pad, "last_pad (None: automatic)", 0)
+        pad_out = int_arg(last_pad, "last_pad (None: automatic)", 0)
     z_out = _halve(z4, pad_out)
     if z_out < 1:
         raise ValueError(f"last_pad={last_pad} leaves conv_out an empty z axis: conv4 gives {z4} z-sites for "
@@ -170,26 +170,17 @@ class VoxelBackBone8x(snn.SparseModule):
         x1 = self.conv1(x)
         x2 = self.conv2(x1)
         x3 = self.conv3(x2)
-        x4 = self.conv4(x3)
+        x4 = self._stride8(x3)
         out = self.conv_out(x4)
         return {"encoded": out, "multi_scale": {"x_conv1": x1, "x_conv2": x2, "x_conv3": x3, "x_conv4": x4}}
 
-
-def _int_arg(value, name: str, minimum: int = 1) -> int:
-    """``value`` as an int ``>= minimum`` (Python or NumPy/torch integer); ValueError naming ``name`` otherwise."""
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        out = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
-    if out < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return out
+    def _stride8(self, x3: SparseTensor) -> SparseTensor:
+        """The stride-8 stage (``conv4``); :class:`VoxelBackBone8xAttn` adds its attention blocks here."""
+        return self.conv4(x3)
 
 
 def _check_channels(input_channels) -> int:
-    return _int_arg(input_channels, "input_channels")
+    return int_arg(input_channels, "input_channels")
 
 
 class SparseBasicBlock(snn.SparseModule):
@@ -217,7 +208,7 @@ class SparseBasicBlock(snn.SparseModule):
     def __init__(self, inplanes: int, planes: int, bias: bool = True, indice_key: Optional[str] = None,
                  downsample: Optional[torch.nn.Module] = None):
         super().__init__()
-        inplanes, planes = _int_arg(inplanes, "inplanes"), _int_arg(planes, "planes")
+        inplanes, planes = int_arg(inplanes, "inplanes"), int_arg(planes, "planes")
         if downsample is None and inplanes != planes:
             raise ValueError(f"inplanes ({inplanes}) must equal planes ({planes}) without a downsample module")
         self.conv1 = snn.SubMConv3d(inplanes, planes, 3, bias=bias, indice_key=indice_key)
@@ -287,6 +278,7 @@ class VoxelResBackBone8x(snn.SparseModule):
         self.backbone_channels = {"x_conv1": 16, "x_conv2": 32, "x_conv3": 64, "x_conv4": 128}
 
     forward = VoxelBackBone8x.forward
+    _stride8 = VoxelBackBone8x._stride8
 
 
 @register_model("voxel_backbone8x_attn")
@@ -326,24 +318,24 @@ class VoxelBackBone8xAttn(VoxelBackBone8x):
                  window: Union[int, Sequence[int]] = 8, hidden: int = 128, ffn_activation: str = "relu",
                  ffn_k: Optional[int] = None, attn_topk: Optional[int] = None, max_group: int = 64):
         super().__init__(input_channels, grid_size, last_pad)
-        n_blocks, hidden = _int_arg(n_blocks, "n_blocks", 0), _int_arg(hidden, "hidden")
-        if _int_arg(heads, "heads") and 64 % heads:
+        n_blocks, hidden = int_arg(n_blocks, "n_blocks", 0), int_arg(hidden, "hidden")
+        if int_arg(heads, "heads") and 64 % heads:
             raise ValueError(f"heads must be a positive divisor of 64 (the channels of conv4), got {heads!r}")
         if ffn_activation not in ("relu", "topk"):
             raise ValueError(f"ffn_activation must be 'relu' or 'topk', got {ffn_activation!r}")
         if ffn_activation == "topk":
             ffn_k = max(1, hidden // 4) if ffn_k is None else ffn_k
-            if _int_arg(ffn_k, "ffn_k") > hidden:
+            if int_arg(ffn_k, "ffn_k") > hidden:
                 raise ValueError(f"ffn_k must be an int in [1, hidden={hidden}], got {ffn_k!r}")
         elif ffn_k is not None:
             raise ValueError(f"ffn_k={ffn_k!r} is only used with ffn_activation='topk'")
         if not isinstance(window, (str, bytes)) and hasattr(window, "__len__") and len(window) == 3:
-            window = tuple(_int_arg(w, f"window (got {window!r}); each entry") for w in window)
+            window = tuple(int_arg(w, f"window (got {window!r}); each entry") for w in window)
         else:
-            window = (_int_arg(window, "window (an int or 3 ints (x, y, z))"),) * 3
+            window = (int_arg(window, "window (an int or 3 ints (x, y, z))"),) * 3
         if attn_topk is not None:
-            attn_topk = _int_arg(attn_topk, "attn_topk (or None)")
-        max_group = _int_arg(max_group, "max_group")
+            attn_topk = int_arg(attn_topk, "attn_topk (or None)")
+        max_group = int_arg(max_group, "max_group")
         self.window, self.ffn_activation = tuple(window), ffn_activation
         self.attn_blocks = torch.nn.ModuleList(
             snn.SparseTransformerBlock(64, heads, self.window, hidden, shift=i % 2 == 1,
@@ -351,16 +343,11 @@ class VoxelBackBone8xAttn(VoxelBackBone8x):
                                        max_group=max_group)
             for i in range(n_blocks))
 
-    def forward(self, x: SparseTensor) -> Dict[str, object]:
-        x = self.conv_input(_on_grid(x, self.sparse_shape, type(self).__name__))
-        x1 = self.conv1(x)
-        x2 = self.conv2(x1)
-        x3 = self.conv3(x2)
+    def _stride8(self, x3: SparseTensor) -> SparseTensor:
         x4 = self.conv4(x3)
         for block in self.attn_blocks:
             x4 = block(x4)
-        out = self.conv_out(x4)
-        return {"encoded": out, "multi_scale": {"x_conv1": x1, "x_conv2": x2, "x_conv3": x3, "x_conv4": x4}}
+        return x4
 
 
 def height_compression(x: SparseTensor) -> torch.Tensor:

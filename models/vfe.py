@@ -7,7 +7,6 @@ rows are never read, whatever they hold.
 """
 from __future__ import annotations
 
-import operator
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -15,23 +14,12 @@ import torch
 from sparseconv import SparseTensor
 from sparseconv.voxelize import PaddedVoxels
 
+from ._utils import int_arg
 from .registry import register_model
 
 __all__ = ["MeanVFE", "PointNetVFE"]
 
 Padded = Union[PaddedVoxels, torch.Tensor]
-
-
-def _int_arg(value, name: str, minimum: int = 1) -> int:
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        out = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}") from None
-    if out < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return out
 
 
 def _floats(value, n: int, name: str, positive: bool = False) -> Tuple[float, ...]:
@@ -97,7 +85,7 @@ class MeanVFE(torch.nn.Module):
 
     def __init__(self, num_point_features: int = 4):
         super().__init__()
-        self.num_point_features = _int_arg(num_point_features, "num_point_features")
+        self.num_point_features = int_arg(num_point_features, "num_point_features")
 
     def get_output_feature_dim(self) -> int:
         return self.num_point_features
@@ -164,12 +152,12 @@ class PointNetVFE(torch.nn.Module):
                  num_filters: Sequence[int] = (64,), use_norm: bool = True, use_absolute_xyz: bool = True,
                  with_distance: bool = False):
         super().__init__()
-        self.in_channels = _int_arg(in_channels, "in_channels", 3)
+        self.in_channels = int_arg(in_channels, "in_channels", 3)
         self.voxel_size = _floats(voxel_size, 3, "voxel_size", positive=True)
         self.point_range = _floats(point_range, 6, "point_range")
         if isinstance(num_filters, (str, bytes)) or not hasattr(num_filters, "__len__") or len(num_filters) < 1:
             raise ValueError(f"num_filters must be a non-empty sequence of positive ints, got {num_filters!r}")
-        filters = [_int_arg(f, f"num_filters (got {tuple(num_filters)}) entries") for f in num_filters]
+        filters = [int_arg(f, f"num_filters (got {tuple(num_filters)}) entries") for f in num_filters]
         for f in filters[:-1]:
             if f % 2:
                 raise ValueError(f"num_filters entries before the last must be even (half the units plus their "

@@ -17,86 +17,48 @@ loading and voxelization excluded), batch size eval.batch_size, with the thread 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import List, Optional
 
+from sparseconv.engine.cli import (add_eval_run_arguments, add_eval_source_arguments, eval_session, tool_parser,
+                                   write_json)
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=__doc__.split("\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="experiment YAML (default: the config stored in the checkpoint)")
-    p.add_argument("--ckpt", required=True, help="checkpoint written by tools/train_seg.py")
-    p.add_argument("--split", help="split to evaluate: a name of data.splits, an official SemanticKITTI split, "
-                                   "or sequence numbers such as 08 or 0,8 (default: data.val_split)")
-    p.add_argument("--limit", type=int, help="only the first N scans of the split")
-    p.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    p = tool_parser(__doc__)
+    add_eval_source_arguments(p, "tools/train_seg.py", "split to evaluate: a name of data.splits, an official "
+                              "SemanticKITTI split, or sequence numbers such as 08 or 0,8 (default: data.val_split)",
+                              "scans")
     p.add_argument("--sparsity-scans", type=int, help="override eval.sparsity_scans (0: no sparsity table)")
-    p.add_argument("--batch-size", type=int, help="override eval.batch_size (1: per-scan latency)")
-    p.add_argument("--workers", type=int, help="override eval.workers")
-    p.add_argument("--device", help="override train.device (auto, cpu, cuda)")
-    p.add_argument("--launcher", choices=("none", "pytorch"), default="none", help="pytorch: under torchrun")
-    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="override a config value (value read as YAML); repeatable")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+    return add_eval_run_arguments(p)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
+    from sparseconv.engine.seg import build_eval_loader, evaluate_with_config, load_seg_checkpoint
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from sparseconv.engine.distributed import cleanup_distributed, init_distributed
-    from sparseconv.engine.seg import build_eval_loader, evaluate, load_seg_checkpoint
-    from sparseconv.engine.trainer import json_safe
-
-    overrides = list(args.set)
-    for key, value in (("eval.batch_size", args.batch_size), ("eval.workers", args.workers),
-                       ("eval.sparsity_scans", args.sparsity_scans), ("train.device", args.device)):
-        if value is not None:
-            overrides.append((key, value))
-    try:
-        cfg, model, state, source = load_seg_checkpoint(args.ckpt, args.config, overrides)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"eval_seg: {e}") from None
-    env = init_distributed(args.launcher, cfg["train"]["device"], cfg["train"]["dist_timeout_min"])
-    try:
-        model.to(env.device)
-        split = args.split or cfg["data"]["val_split"]
-        loader = build_eval_loader(cfg, split, env=env, limit=args.limit)
-        d, e = cfg["data"], cfg["eval"]
-        out = evaluate(model, loader, d["eval_classes"], int(d["num_classes"]), device=env.device,
-                       progress=not args.no_progress, env=env, sparsity_scans=int(e["sparsity_scans"]))
+    with eval_session(args, "eval_seg", load_seg_checkpoint, build_eval_loader,
+                      extra_overrides=[("eval.sparsity_scans", args.sparsity_scans)]) as s:
+        d = s.cfg["data"]
+        out = evaluate_with_config(s.model, s.loader, s.cfg, device=s.env.device, progress=not args.no_progress,
+                                   env=s.env)
         if out is not None:
             total = out["points"] + out["points_outside_range"]
-            print(f"{cfg['model']['name']} on {d['root']} split {split}: {out['scans']} scans, {out['points']:,} "
+            print(f"{s.cfg['model']['name']} on {d['root']} split {s.split}: {out['scans']} scans, {out['points']:,} "
                   f"labelled points in range ({out['points_outside_range']:,} labelled points outside "
                   f"{d['point_range']} left out, {100 * out['points_outside_range'] / max(total, 1):.2f}%) "
-                  f"(checkpoint {args.ckpt}, epoch {state.get('epoch')}, global step {state.get('global_step')})")
+                  f"{s.checkpoint_note()}")
             print(out["table"])
             print(f"mIoU over {len(out['iou'])} classes (data.eval_classes {d['eval_classes']})")
-            print(f"inference: {out['ms_per_scan']:.1f} ms per scan (median; network, arg-max and projection to the "
-                  f"points; batch size {out['batch_size']}, {out['threads']} threads, {out['device']}, "
-                  f"{env.world_size} process(es))")
+            print(s.speed_line(out, "; network, arg-max and projection to the points"))
             if out["sparsity"] is not None:
                 print(f"activation sparsity on {out['sparsity']['scans']} scan(s) (eval mode):")
                 print(out["sparsity"]["table"])
             if args.json:
-                from sparseconv.io import atomic_write
-
-                report = {"config": source, "ckpt": args.ckpt, "model": cfg["model"]["name"], "split": split,
-                          "epoch": state.get("epoch"), "global_step": state.get("global_step"),
-                          "point_range": d["point_range"], "voxel_size": d["voxel_size"],
-                          **{k: v for k, v in out.items() if k != "table"}}
+                report = s.report(out, point_range=d["point_range"], voxel_size=d["voxel_size"])
                 if report["sparsity"] is not None:
                     report["sparsity"] = {k: v for k, v in report["sparsity"].items() if k != "table"}
-                with atomic_write(args.json, "w", encoding="utf-8") as f:
-                    json.dump(json_safe(report), f, indent=1)
-    finally:
-        cleanup_distributed(env)
+                write_json(args.json, report)
     return 0
 
 

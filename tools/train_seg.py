@@ -19,85 +19,36 @@ import argparse
 import sys
 from typing import List, Optional
 
+from sparseconv.engine.cli import add_train_arguments, run_training, tool_parser, train_overrides
+
+overrides_from_args = train_overrides  # the former name of the function
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[1], epilog=__doc__.split("\n", 2)[2],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="experiment YAML (configs/*_synth.yaml)")
-    p.add_argument("--epochs", type=int, help="override train.epochs")
-    p.add_argument("--batch-size", type=int, help="override train.batch_size (per process)")
-    p.add_argument("--workers", type=int, help="override train.workers (DataLoader processes)")
-    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="CKPT",
-                   help="continue from the newest checkpoint of the output folder (or from CKPT)")
-    p.add_argument("--launcher", choices=("none", "pytorch"), default="none",
-                   help="pytorch: started by torchrun (one process per device)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (train.amp)")
-    p.add_argument("--sync-bn", action="store_true", help="synchronise batch norms across processes (train.sync_bn)")
-    p.add_argument("--device", help="override train.device (auto, cpu, cuda)")
-    p.add_argument("--output", help="output folder (default: the config's output_dir, else output/<config name>)")
-    p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                   help="override a config value, e.g. --set train.lr 0.001 (value read as YAML); repeatable")
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (with a checkpoint)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice / OMP_NUM_THREADS)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    return p
+    return add_train_arguments(tool_parser(__doc__), config_help="experiment YAML (configs/*_synth.yaml)")
 
 
-def overrides_from_args(args: argparse.Namespace) -> list:
-    """The ``--set`` pairs followed by those of the dedicated flags (which therefore win)."""
-    overrides = list(args.set)
-    for key, value in (("train.epochs", args.epochs), ("train.batch_size", args.batch_size),
-                       ("train.workers", args.workers), ("train.device", args.device),
-                       ("output_dir", args.output)):
-        if value is not None:
-            overrides.append((key, value))
-    if args.amp:
-        overrides.append(("train.amp", True))
-    if args.sync_bn:
-        overrides.append(("train.sync_bn", True))
-    return overrides
+def _build(cfg, env):
+    """``(model, train_set, collate_fn, about)`` for :func:`~sparseconv.engine.cli.run_training`."""
+    from sparseconv.engine.seg import build_segmenter, build_train_set, resolve_class_weights, seg_collate_fn
+
+    log = print if env.is_main else (lambda *a, **k: None)
+    weights = resolve_class_weights(cfg, env, log=lambda m: log(m, flush=True))
+    model = build_segmenter(cfg, weights)
+    train_set = build_train_set(cfg)
+    d = cfg["data"]
+    w = "none" if weights is None else ", ".join(f"{v:.2f}" for v in weights.tolist())
+    about = (f"{len(train_set)} training scans ({d['root']}, split {d['train_split']}, sequences "
+             f"{', '.join(train_set.sequences)}); voxel size {d['voxel_size']} in {d['point_range']}; lovasz "
+             f"{cfg['loss']['lovasz']}; class weights [{w}]")
+    return model, train_set, seg_collate_fn(cfg), about
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch
+    from sparseconv.engine.seg import load_seg_config, make_seg_evaluator
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    from sparseconv.engine.distributed import cleanup_distributed, init_distributed
-    from sparseconv.engine.seg import (build_segmenter, build_train_set, load_seg_config, make_seg_evaluator,
-                                       resolve_class_weights, seg_collate_fn)
-    from sparseconv.engine.trainer import Trainer, set_seed
-
-    cfg = load_seg_config(args.config, overrides_from_args(args))
-    env = init_distributed(args.launcher, cfg["train"]["device"], cfg["train"]["dist_timeout_min"])
-    try:
-        set_seed(int(cfg["train"]["seed"]) + env.rank)
-        log = print if env.is_main else (lambda *a, **k: None)
-        weights = resolve_class_weights(cfg, env, log=lambda m: log(m, flush=True))
-        model = build_segmenter(cfg, weights)
-        train_set = build_train_set(cfg)
-        evaluate_fn = make_seg_evaluator(cfg, env, progress=not args.no_progress) \
-            if cfg["eval"]["every_epochs"] > 0 else None
-        if env.is_main:
-            n_params = sum(p.numel() for p in model.parameters())
-            d = cfg["data"]
-            w = "none" if weights is None else ", ".join(f"{v:.2f}" for v in weights.tolist())
-            print(f"{cfg['model']['name']}: {n_params / 1e6:.2f} M parameters; {len(train_set)} training scans "
-                  f"({d['root']}, split {d['train_split']}, sequences {', '.join(train_set.sequences)}); voxel size "
-                  f"{d['voxel_size']} in {d['point_range']}; lovasz {cfg['loss']['lovasz']}; class weights [{w}]; "
-                  f"{env.world_size} process(es) on {env.device}, {torch.get_num_threads()} threads each; output "
-                  f"{cfg['output_dir']}", flush=True)
-        trainer = Trainer(model, train_set, seg_collate_fn(cfg), cfg["train"], cfg["output_dir"], env=env,
-                          config=cfg, evaluate_fn=evaluate_fn, eval_every=cfg["eval"]["every_epochs"],
-                          progress=not args.no_progress, max_steps=args.max_steps)
-        summary = trainer.fit(resume=args.resume)
-        if env.is_main:
-            print(f"done: epoch {summary['epoch']}, global step {summary['global_step']}, last checkpoint "
-                  f"{summary['last_checkpoint']}", flush=True)
-    finally:
-        cleanup_distributed(env)
-    return 0
+    return run_training(args, load_seg_config, _build, make_seg_evaluator)
 
 
 if __name__ == "__main__":

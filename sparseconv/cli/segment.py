@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import statistics
 import sys
-import textwrap
-import threading
 import time
 from typing import Dict, List, Optional
+
+from ._files import (UsageError, add_command_parser, check_output_folder, error_reason, file_summary, finish,
+                     plan_outputs, print_file_lines, report_interrupted, sigterm_as_interrupt)
 
 EPILOG = """examples:
   sparseconv segment data/synth/sequences/08/velodyne -o pred/ --config configs/minkunet_synth.yaml \\
@@ -32,27 +31,19 @@ cannot be loaded.
 """
 
 
-class UsageError(Exception):
-    """Bad arguments or inputs: the command exits with status 2."""
-
-
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "segment",
-        help="label every point of LiDAR scans with a trained segmentation network (SemanticKITTI .label files)",
-        description=textwrap.fill(
-            "Reads each point-cloud file, voxelizes it on the training grid of the config, runs the "
-            "segmentation network of the checkpoint (written by tools/train_seg.py), gives every point its "
-            "voxel's class and writes the labels as a SemanticKITTI .label file (and optionally a coloured "
-            "PLY). A file that cannot be read is reported and skipped; the others are still done.",
-            88,
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="point-cloud files, folders (their supported files) or glob patterns (quoted or not)")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if missing)")
+    p = add_command_parser(
+        sub, "segment",
+        "label every point of LiDAR scans with a trained segmentation network (SemanticKITTI .label files)",
+        "Reads each point-cloud file, voxelizes it on the training grid of the config, runs the "
+        "segmentation network of the checkpoint (written by tools/train_seg.py), gives every point its "
+        "voxel's class and writes the labels as a SemanticKITTI .label file (and optionally a coloured "
+        "PLY). A file that cannot be read is reported and skipped; the others are still done.",
+        EPILOG, "outputs already exist", _add_own_arguments)
+    p.set_defaults(func=run)
+
+
+def _add_own_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint written by tools/train_seg.py")
     p.add_argument("--config", metavar="CFG", help="experiment YAML (default: the config stored in the checkpoint)")
     p.add_argument("--ply", action="store_true", help="also write OUTDIR/<stem>.ply coloured by class")
@@ -60,36 +51,13 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda (default: auto)")
     p.add_argument("--set", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                    help="override a config value (value read as YAML); repeatable")
-    p.add_argument("--recursive", action="store_true", help="also look for point-cloud files in sub-folders")
-    p.add_argument("--overwrite", action="store_true", help="redo files whose outputs already exist")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=run)
 
 
 # ----------------------------------------------------------------------------- planning
 def _plan(args) -> List[Dict]:
-    from .voxelize import expand_inputs, output_stem
-
-    files, problems = expand_inputs(args.inputs, args.recursive)
-    if problems:
-        raise UsageError("; ".join(problems))
-    if not files:
-        raise UsageError("no input file found")
-    tasks, by_output = [], {}
-    for f in files:
-        stem = os.path.join(args.output, output_stem(f))
-        outputs = [stem + ".label"] + ([stem + ".ply"] if args.ply else [])
-        for out in outputs:
-            key = os.path.realpath(out)
-            if key in by_output:
-                raise UsageError(f"{by_output[key]} and {f} would both be written to {out}; segment them into "
-                                 f"different folders")
-            if key == os.path.realpath(f):
-                raise UsageError(f"{f} is in OUTDIR and would be overwritten by its own output; choose another -o")
-            by_output[key] = f
-        tasks.append({"input": f, "outputs": outputs})
-    return tasks
+    suffixes = [".label"] + ([".ply"] if args.ply else [])
+    return [{"input": f, "outputs": outputs}
+            for f, outputs in plan_outputs(args.inputs, args.recursive, args.output, suffixes, "segment")]
 
 
 def _load(args):
@@ -124,7 +92,6 @@ def segment_file(task: Dict, cfg, model, lut, device, ply: bool) -> Dict:
 
     from ..engine.seg import raw_label_colors, segment_points
     from ..io import PointCloud, read_points, write_labels, write_ply
-    from .voxelize import _reason
 
     t0 = time.perf_counter()
     out = {"input": task["input"], "outputs": task["outputs"]}
@@ -146,17 +113,12 @@ def segment_file(task: Dict, cfg, model, lut, device, ply: bool) -> Dict:
                 "colors": raw_label_colors(raw), "label": raw.astype(np.int32),
                 "class": train_ids.astype(np.int32), "intensity": intensity}))
     except Exception as e:  # a bad file is reported and skipped; the others go on
-        out.update(status="error", reason=_reason(task["input"], e))
+        out.update(status="error", reason=error_reason(task["input"], e))
         return out
     out.update(status="done", points=len(points), outside=info["outside"], voxels=info["voxels"],
                intensity=has_intensity, counts=np.bincount(train_ids, minlength=len(lut)).tolist(),
                network_s=info["seconds"], seconds=time.perf_counter() - t0)
     return out
-
-
-def _interrupt(signum, frame):
-    """SIGTERM as Ctrl-C: unwinds, so that atomic writes remove their temporary files."""
-    raise KeyboardInterrupt
 
 
 # ----------------------------------------------------------------------------- the command
@@ -169,10 +131,7 @@ def summarize(results: List[Dict], seconds: float, num_classes: int, threads: in
     # the first file warms the network up (kernel-map caches, allocator): left out when there are more than two
     net = [r["network_s"] for r in (done[1:] if len(done) > 2 else done)]
     return {
-        "files": len(results),
-        "done": len(done),
-        "skipped_exists": [r["input"] for r in results if r["status"] == "exists"],
-        "failed": [{"file": r["input"], "reason": r["reason"]} for r in results if r["status"] == "error"],
+        **file_summary(results),
         "points": sum(r["points"] for r in done),
         "outside_range": sum(r["outside"] for r in done),
         "without_intensity": [r["input"] for r in done if not r["intensity"]],
@@ -186,12 +145,7 @@ def summarize(results: List[Dict], seconds: float, num_classes: int, threads: in
 
 
 def _print_summary(s: Dict) -> None:
-    print(f"files      {s['files']}: {s['done']} done, {len(s['skipped_exists'])} skipped (outputs exist), "
-          f"{len(s['failed'])} skipped (error)")
-    for f in s["skipped_exists"]:
-        print(f"  skipped: exists   {f}")
-    for f in s["failed"]:
-        print(f"  skipped: error    {f['reason']}")
+    print_file_lines(s, "outputs exist")
     for f in s["without_intensity"]:
         print(f"  note: no intensity field, 0 used   {f}")
     print(f"points     {s['points']:,} in the files done, {s['outside_range']:,} of them outside the point range "
@@ -216,8 +170,7 @@ def run(args) -> int:
             if args.threads < 1:
                 raise UsageError(f"--threads must be >= 1, got {args.threads}")
             torch.set_num_threads(args.threads)
-        if os.path.exists(args.output) and not os.path.isdir(args.output):
-            raise UsageError(f"-o {args.output}: exists and is not a folder")
+        check_output_folder(args.output)
         tasks = _plan(args)
         cfg, model, lut, device = _load(args)
     except UsageError as e:
@@ -227,31 +180,19 @@ def run(args) -> int:
 
     os.makedirs(args.output, exist_ok=True)
     results: List[Optional[Dict]] = []
-    bar = tqdm(total=len(tasks), unit="file", desc="segment", file=sys.stderr, dynamic_ncols=True,
-               disable=args.quiet or not sys.stderr.isatty())
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
-        for t in tasks:
-            if not args.overwrite and all(os.path.exists(o) for o in t["outputs"]):
-                r = {"input": t["input"], "outputs": t["outputs"], "status": "exists"}
-            else:
-                r = segment_file(t, cfg, model, lut, device, args.ply)
-                if r["status"] == "error":
-                    tqdm.write(f"sparseconv segment: skipped (error): {r['reason']}", file=sys.stderr)
-            results.append(r)
-            bar.update(1)
+        with sigterm_as_interrupt(), tqdm(total=len(tasks), unit="file", desc="segment", file=sys.stderr,
+                                          dynamic_ncols=True, disable=args.quiet or not sys.stderr.isatty()) as bar:
+            for t in tasks:
+                if not args.overwrite and all(os.path.exists(o) for o in t["outputs"]):
+                    r = {"input": t["input"], "outputs": t["outputs"], "status": "exists"}
+                else:
+                    r = segment_file(t, cfg, model, lut, device, args.ply)
+                    if r["status"] == "error":
+                        tqdm.write(f"sparseconv segment: skipped (error): {r['reason']}", file=sys.stderr)
+                results.append(r)
+                bar.update(1)
     except KeyboardInterrupt:
-        print("sparseconv segment: interrupted; the outputs written so far are complete, no partial file is left",
-              file=sys.stderr)
-        return 130
-    finally:
-        bar.close()
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        return report_interrupted("sparseconv segment")
     summary = summarize(results, time.perf_counter() - t0, len(lut), torch.get_num_threads(), str(device))
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        _print_summary(summary)
-    return 1 if summary["failed"] else 0
+    return finish(summary, args.json, _print_summary)

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import glob
-import json
 import multiprocessing
 import os
 import signal
 import sys
-import textwrap
 import threading
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 from ..voxelize import KITTI_POINT_RANGE as DEFAULT_RANGE
+from ._files import (UsageError, add_command_parser, check_output_folder, error_reason, file_summary, finish,
+                     interrupt, plan_outputs, print_file_lines, report_interrupted, sigterm_as_interrupt)
+from ._files import expand_inputs, output_stem, point_cloud_extension  # noqa: F401  (names this module exposes)
 
 EPILOG = """examples:
   sparseconv voxelize ../shared/data/kitti/velodyne -o voxels/
@@ -30,32 +30,22 @@ Exit status: 0 all done (or skipped because the output exists), 1 some file fail
 """
 
 DEFAULT_VOXEL_SIZE = (0.05, 0.05, 0.1)
-_GLOB_CHARS = set("*?[")
-
-
-class UsageError(Exception):
-    """Bad arguments or inputs: the command exits with status 2."""
 
 
 def add_parser(sub) -> None:
+    p = add_command_parser(
+        sub, "voxelize", "voxelize point-cloud files (KITTI .bin, .npy, .npz, PLY, PCD, LAS) into voxel files",
+        "Reads each point-cloud file, voxelizes x, y, z and its numeric per-point fields with "
+        "sparseconv.voxelize, and writes one voxel file per input. Outputs are written atomically; "
+        "existing outputs are skipped unless --overwrite. A file that cannot be read is reported and "
+        "skipped; the others are still done.",
+        EPILOG, "output already exists", _add_own_arguments)
+    p.set_defaults(func=run)
+
+
+def _add_own_arguments(p: argparse.ArgumentParser) -> None:
     from ..voxelize import REDUCTIONS
 
-    p = sub.add_parser(
-        "voxelize",
-        help="voxelize point-cloud files (KITTI .bin, .npy, .npz, PLY, PCD, LAS) into voxel files",
-        description=textwrap.fill(
-            "Reads each point-cloud file, voxelizes x, y, z and its numeric per-point fields with "
-            "sparseconv.voxelize, and writes one voxel file per input. Outputs are written atomically; "
-            "existing outputs are skipped unless --overwrite. A file that cannot be read is reported and "
-            "skipped; the others are still done.",
-            88,
-        ),
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("inputs", nargs="+", metavar="INPUT",
-                   help="point-cloud files, folders (their supported files) or glob patterns (quoted or not)")
-    p.add_argument("-o", "--output", required=True, metavar="OUTDIR", help="output folder (created if missing)")
     p.add_argument("--voxel-size", type=float, nargs=3, default=DEFAULT_VOXEL_SIZE, metavar=("VX", "VY", "VZ"),
                    help="voxel size in metres (default: %(default)s)")
     p.add_argument("--range", type=float, nargs=6, default=DEFAULT_RANGE, dest="point_range",
@@ -71,97 +61,6 @@ def add_parser(sub) -> None:
                    help="files processed in parallel by N processes (default: 1); the output does not depend on N")
     p.add_argument("--format", choices=("npz", "ply"), default="npz",
                    help="npz: sparseconv voxel file; ply: voxel centres and features as a point cloud")
-    p.add_argument("--recursive", action="store_true", help="also look for point-cloud files in sub-folders")
-    p.add_argument("--overwrite", action="store_true", help="redo files whose output already exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
-    p.set_defaults(func=run)
-
-
-# ----------------------------------------------------------------------------- inputs
-def point_cloud_extension(path: str) -> Optional[str]:
-    """The :data:`sparseconv.io.SUPPORTED_FORMATS` extension of ``path`` (longest match), or None."""
-    from ..io import SUPPORTED_FORMATS
-
-    name = os.path.basename(path).lower()
-    for ext in sorted(SUPPORTED_FORMATS, key=len, reverse=True):
-        if name.endswith(ext):
-            return ext
-    return None
-
-
-def output_stem(path: str) -> str:
-    """File name without its point-cloud extension: ``a/000000.bin`` -> ``000000``, ``x.pcd.bin`` -> ``x``."""
-    name = os.path.basename(path)
-    ext = point_cloud_extension(name)
-    return name[: -len(ext)] if ext and len(name) > len(ext) else os.path.splitext(name)[0] or name
-
-
-def _folder_files(folder: str, recursive: bool) -> List[str]:
-    found = []
-    if recursive:
-        for root, dirs, files in os.walk(folder):
-            dirs.sort()
-            found += [os.path.join(root, f) for f in sorted(files)]
-    else:
-        found = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
-    return [f for f in found if _is_point_cloud_file(f)]
-
-
-def _is_point_cloud_file(path: str) -> bool:
-    """A supported point-cloud file, not hidden (e.g. a temporary file) and not a voxel file."""
-    from .info import is_voxel_file
-
-    return (os.path.isfile(path) and point_cloud_extension(path) is not None
-            and not os.path.basename(path).startswith(".") and not is_voxel_file(path))
-
-
-def expand_inputs(inputs: Sequence[str], recursive: bool = False) -> Tuple[List[str], List[str]]:
-    """Files named by ``inputs``: files as given, folders' supported point-cloud files, glob matches.
-
-    Returns ``(files, problems)``: the files in order without duplicates, and a message for each
-    input that names nothing.
-    """
-    files, problems, seen = [], [], set()
-
-    def add(path):
-        key = os.path.realpath(path)
-        if key not in seen:
-            seen.add(key)
-            files.append(path)
-
-    for item in inputs:
-        if os.path.isdir(item):
-            found = _folder_files(item, recursive)
-            if not found:
-                problems.append(f"{item}: the folder holds no point-cloud file "
-                                f"({'' if recursive else 'not searched recursively; '}"
-                                f"supported: {', '.join(_supported())})")
-            for f in found:
-                add(f)
-        elif os.path.exists(item):
-            add(item)
-        elif _GLOB_CHARS & set(item):
-            matches = sorted(glob.glob(item, recursive=recursive))
-            found = []
-            for m in matches:
-                if os.path.isdir(m):
-                    found += _folder_files(m, recursive)
-                elif _is_point_cloud_file(m):
-                    found.append(m)
-            if not found:
-                problems.append(f"{item}: no point-cloud file matches this pattern")
-            for f in found:
-                add(f)
-        else:
-            problems.append(f"{item}: no such file or folder")
-    return files, problems
-
-
-def _supported() -> List[str]:
-    from ..io import SUPPORTED_FORMATS
-
-    return list(SUPPORTED_FORMATS)
 
 
 # ----------------------------------------------------------------------------- one file
@@ -258,7 +157,7 @@ def process_file(task: Dict) -> Dict:
         else:
             _write_npz(task["output"], result, names, task, os.path.basename(task["input"]))
     except Exception as e:  # a bad file is reported and skipped; the others go on
-        out.update(status="error", reason=_reason(task["input"], e))
+        out.update(status="error", reason=error_reason(task["input"], e))
         return out
     stats = dict(result.stats)
     cells = int(np.prod(grid_shape(task["voxel_size"], task["point_range"])))
@@ -267,27 +166,11 @@ def process_file(task: Dict) -> Dict:
     return out
 
 
-def _reason(path: str, e: BaseException) -> str:
-    text = str(e) if not isinstance(e, KeyError) else (e.args[0] if e.args else repr(e))
-    if isinstance(e, FileNotFoundError) and e.filename:
-        return f"{e.filename}: {e.strerror or 'no such file'}"
-    if not text:
-        text = type(e).__name__
-    elif not isinstance(e, (ValueError, OSError)):
-        text = f"{type(e).__name__}: {text}"
-    return text if path in text else f"{path}: {text}"
-
-
 def _init_worker() -> None:
     import torch
 
     torch.set_num_threads(1)
-    signal.signal(signal.SIGTERM, _interrupt)
-
-
-def _interrupt(signum, frame):
-    """SIGTERM as Ctrl-C: unwinds, so that atomic writes remove their temporary files."""
-    raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -306,31 +189,13 @@ def _validate(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {v}")
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
-    if os.path.exists(args.output) and not os.path.isdir(args.output):
-        raise UsageError(f"-o {args.output}: exists and is not a folder")
+    check_output_folder(args.output)
 
 
 def _plan(args) -> List[Dict]:
-    files, problems = expand_inputs(args.inputs, args.recursive)
-    if problems:
-        raise UsageError("; ".join(problems))
-    if not files:
-        raise UsageError("no input file found")
-    suffix = "." + args.format
-    tasks, by_output = [], {}
-    for f in files:
-        out = os.path.join(args.output, output_stem(f) + suffix)
-        key = os.path.realpath(out)
-        if key in by_output:
-            raise UsageError(f"{by_output[key]} and {f} would both be written to {out}; voxelize them into "
-                             f"different folders")
-        if key == os.path.realpath(f):
-            raise UsageError(f"{f} is in OUTDIR and would be overwritten by its own output; choose another -o")
-        by_output[key] = f
-        tasks.append({"input": f, "output": out, "voxel_size": tuple(args.voxel_size),
-                      "point_range": tuple(args.point_range), "reduce": args.reduce, "max_points": args.max_points,
-                      "max_voxels": args.max_voxels, "format": args.format})
-    return tasks
+    return [{"input": f, "output": out, "voxel_size": tuple(args.voxel_size), "point_range": tuple(args.point_range),
+             "reduce": args.reduce, "max_points": args.max_points, "max_voxels": args.max_voxels, "format": args.format}
+            for f, (out,) in plan_outputs(args.inputs, args.recursive, args.output, ["." + args.format], "voxelize")]
 
 
 def _error(msg: str) -> None:
@@ -382,7 +247,7 @@ def _execute(tasks: List[Dict], workers: int, quiet: bool) -> List[Dict]:
                             done(i, fut.result())
                         except Exception as e:  # the worker process died (e.g. killed for memory)
                             done(i, {"input": tasks[i]["input"], "output": tasks[i]["output"], "status": "error",
-                                     "reason": _reason(tasks[i]["input"], e)})
+                                     "reason": error_reason(tasks[i]["input"], e)})
                 except BaseException:
                     pool.shutdown(wait=True, cancel_futures=True)
                     raise
@@ -397,10 +262,7 @@ def summarize(results: List[Dict], seconds: float, workers: int) -> Dict:
                                                    "dropped_out_of_range", "dropped_max_voxels",
                                                    "dropped_max_points")}
     return {
-        "files": len(results),
-        "done": len(done),
-        "skipped_exists": [r["input"] for r in results if r["status"] == "exists"],
-        "failed": [{"file": r["input"], "reason": r["reason"]} for r in results if r["status"] == "error"],
+        **file_summary(results),
         "points": total["points"],
         "kept": total["kept"],
         "voxels": total["voxels"],
@@ -415,12 +277,7 @@ def summarize(results: List[Dict], seconds: float, workers: int) -> Dict:
 
 def _print_summary(s: Dict) -> None:
     d = s["dropped"]
-    print(f"files      {s['files']}: {s['done']} done, {len(s['skipped_exists'])} skipped (output exists), "
-          f"{len(s['failed'])} skipped (error)")
-    for f in s["skipped_exists"]:
-        print(f"  skipped: exists   {f}")
-    for f in s["failed"]:
-        print(f"  skipped: error    {f['reason']}")
+    print_file_lines(s, "output exists")
     print(f"points     {s['points']:,} read, {s['kept']:,} kept in {s['voxels']:,} voxels")
     print(f"dropped    {d['nonfinite']:,} non-finite, {d['out_of_range']:,} out of range, "
           f"{d['max_voxels']:,} over --max-voxels, {d['max_points']:,} over --max-points")
@@ -440,20 +297,9 @@ def run(args) -> int:
     for t in tasks:
         t["skip"] = os.path.exists(t["output"]) and not args.overwrite
     workers = min(args.workers, max(1, sum(not t["skip"] for t in tasks)))
-    on_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main_thread else None
     try:
-        results = _execute(tasks, workers, args.quiet)
+        with sigterm_as_interrupt():
+            results = _execute(tasks, workers, args.quiet)
     except KeyboardInterrupt:
-        print("sparseconv voxelize: interrupted; the outputs written so far are complete, no partial file is left",
-              file=sys.stderr)
-        return 130
-    finally:
-        if on_main_thread:
-            signal.signal(signal.SIGTERM, previous)
-    summary = summarize(results, time.perf_counter() - t0, workers)
-    if args.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        _print_summary(summary)
-    return 1 if summary["failed"] else 0
+        return report_interrupted("sparseconv voxelize")
+    return finish(summarize(results, time.perf_counter() - t0, workers), args.json, _print_summary)

@@ -18,11 +18,11 @@ from __future__ import annotations
 import glob
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CheckpointManager", "checkpoint_name"]
+__all__ = ["save_checkpoint", "load_checkpoint", "load_checkpoint_config", "CheckpointManager", "checkpoint_name"]
 
 _NAME = re.compile(r"^ckpt_e(\d+)_s(\d+)\.pt$")
 
@@ -61,6 +61,47 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> Dict[str, Any]:
     if not isinstance(state, dict):
         raise ValueError(f"{path}: not a checkpoint (expected a dict, got {type(state).__name__})")
     return state
+
+
+def load_checkpoint_config(ckpt: str, config: Optional[str], overrides: Optional[Sequence],
+                           load_config: Callable[[str, Optional[Sequence]], Dict[str, Any]]
+                           ) -> Tuple[Dict[str, Any], Dict[str, Any], str]:
+    """Reads a training checkpoint and the experiment config that goes with it.
+
+    Args:
+        ckpt: a checkpoint of :class:`~sparseconv.engine.trainer.Trainer` (with a ``model`` entry).
+        config: the experiment YAML; None: the config stored in the checkpoint, written to a
+            temporary file and loaded like one (so it is validated and overridden the same way).
+        overrides: ``[(key, value)]`` applied to the config.
+        load_config: ``load_config(path, overrides)``, e.g. ``load_det_config`` or ``load_seg_config``.
+
+    Returns:
+        ``(cfg, state, config_source)``: ``config_source`` is ``config`` or ``"<ckpt> (stored config)"``.
+
+    Raises:
+        FileNotFoundError, ValueError: no such file / not a checkpoint (:func:`load_checkpoint`), no
+            ``model`` entry, or no stored config and none given; ConfigError from ``load_config``.
+
+    Example:
+        >>> cfg, state, source = load_checkpoint_config("output/run1/ckpt_e001_s00000500.pt", None, [],
+        ...                                             load_det_config)
+    """
+    import tempfile
+
+    from .config import dump_config
+
+    state = load_checkpoint(ckpt)
+    if "model" not in state:
+        raise ValueError(f"{ckpt}: not a training checkpoint (no 'model' entry)")
+    if config is not None:
+        return load_config(config, overrides), state, config
+    if not state.get("config"):
+        raise ValueError(f"{ckpt} holds no config: pass the experiment config (--config)")
+    with tempfile.TemporaryDirectory() as tmp:  # the stored config, validated like a file
+        path = os.path.join(tmp, "config.yaml")
+        dump_config(state["config"], path)
+        cfg = load_config(path, overrides)
+    return cfg, state, f"{ckpt} (stored config)"
 
 
 def checkpoint_name(epoch: int, global_step: int) -> str:

@@ -27,25 +27,27 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
-import statistics
 import time
 from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .common import (check_grid_config, create_configured_model, default_output_dir, epoch_evaluator,
+                     geometric_augmentation, grid_collate_kwargs, load_weights, model_device, sharded_eval_loader,
+                     speed_stats, synchronize)
 from .config import REQUIRED, FreeForm, load_config
-from .distributed import DistEnv, ShardSampler, all_gather_objects, barrier
+from .distributed import DistEnv, all_gather_objects, barrier
 from .trainer import TRAIN_SCHEMA, to_device
 
-__all__ = ["DET_SCHEMA", "load_det_config", "build_detector", "build_det_dataset", "build_augmentation",
-           "gt_database_path", "det_collate_fn", "build_train_set", "build_eval_loader", "gt_record",
-           "detection_record", "kitti_prediction_lines", "evaluate", "make_det_evaluator", "summarize_result"]
+__all__ = ["DET_SCHEMA", "load_det_config", "build_detector", "load_det_checkpoint", "build_det_dataset",
+           "build_augmentation", "gt_database_path", "det_collate_fn", "build_train_set", "build_eval_loader",
+           "gt_record", "detection_record", "kitti_prediction_lines", "evaluate", "evaluate_with_config",
+           "make_det_evaluator", "summarize_result"]
 
 #: Defaults and allowed keys of a detection experiment config.
 DET_SCHEMA: Dict[str, Any] = {
@@ -102,16 +104,10 @@ def load_det_config(path: str, overrides: Optional[Sequence] = None) -> Dict[str
 
     cfg = load_config(path, overrides, schema=DET_SCHEMA)
     d = cfg["data"]
-    pr, vs = d["point_range"], d["voxel_size"]
-    if len(pr) != 6 or any(float(pr[i]) >= float(pr[i + 3]) for i in range(3)):
-        raise ConfigError(f"data.point_range must be 6 numbers x0, y0, z0, x1, y1, z1 with min < max, got {pr} "
-                          f"({path})")
-    if len(vs) != 3 or any(float(v) <= 0 for v in vs):
-        raise ConfigError(f"data.voxel_size must be 3 positive numbers, got {vs} ({path})")
+    check_grid_config(d, path)
     if not d["classes"] or not all(isinstance(c, str) for c in d["classes"]):
         raise ConfigError(f"data.classes must be a non-empty list of class names, got {d['classes']} ({path})")
-    if cfg["output_dir"] is None:
-        cfg["output_dir"] = os.path.join("output", os.path.splitext(os.path.basename(path))[0])
+    default_output_dir(cfg, path)
     return cfg
 
 
@@ -119,15 +115,32 @@ def load_det_config(path: str, overrides: Optional[Sequence] = None) -> Dict[str
 def build_detector(cfg: Mapping[str, Any]) -> torch.nn.Module:
     """``sparseconv.models.create_model(model.name, class_names, point_range, voxel_size, in_channels=4,
     **model.args)`` after importing ``model.imports``."""
-    import sparseconv.models as models
-
-    for name in cfg["model"].get("imports") or ():
-        importlib.import_module(name)
     d = cfg["data"]
-    return models.create_model(cfg["model"]["name"], class_names=tuple(d["classes"]),
-                               point_range=tuple(float(v) for v in d["point_range"]),
-                               voxel_size=tuple(float(v) for v in d["voxel_size"]), in_channels=4,
-                               **(cfg["model"].get("args") or {}))
+    return create_configured_model(cfg, class_names=tuple(d["classes"]),
+                                   point_range=tuple(float(v) for v in d["point_range"]),
+                                   voxel_size=tuple(float(v) for v in d["voxel_size"]), in_channels=4)
+
+
+def load_det_checkpoint(ckpt: str, config: Optional[str] = None, overrides: Optional[Sequence] = None
+                        ) -> Tuple[Dict[str, Any], torch.nn.Module, Dict[str, Any], str]:
+    """``(cfg, model, state, config_source)`` of a ``tools/train_det.py`` checkpoint: the experiment
+    config ``config`` (None: the one stored in the checkpoint) with ``overrides`` ``[(key, value)]``
+    (:func:`~sparseconv.engine.checkpoint.load_checkpoint_config`), and its detector with the
+    checkpoint's weights, in eval mode.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`~sparseconv.engine.checkpoint.load_checkpoint_config`;
+            also weights that do not fit the config's detector (the message names both).
+
+    Example:
+        >>> cfg, model, state, source = load_det_checkpoint("output/second_synth/ckpt_e080_s00040800.pt")
+    """
+    from .checkpoint import load_checkpoint_config
+
+    cfg, state, source = load_checkpoint_config(ckpt, config, overrides, load_det_config)
+    model = load_weights(build_detector(cfg), state["model"], ckpt, cfg, source)
+    model.eval()
+    return cfg, model, state, source
 
 
 # ----------------------------------------------------------------------------- data
@@ -178,8 +191,7 @@ def _gt_database(cfg: Mapping[str, Any], env: Optional[DistEnv]):
 def build_augmentation(cfg: Mapping[str, Any], env: Optional[DistEnv] = None):
     """The training transforms of ``data.augment`` (a :class:`~sparseconv.datasets.Compose`) or None:
     GT sampling, random flip, global rotation, scaling and translation, in that order."""
-    from sparseconv.datasets import (Compose, GlobalRotation, GlobalScaling, GlobalTranslation, GTSampler,
-                                     RandomFlip)
+    from sparseconv.datasets import Compose, GTSampler
 
     a = cfg["data"]["augment"]
     if not a["enabled"]:
@@ -187,14 +199,7 @@ def build_augmentation(cfg: Mapping[str, Any], env: Optional[DistEnv] = None):
     ts = []
     if a["gt_sampling"]:
         ts.append(GTSampler(_gt_database(cfg, env), {str(k): int(v) for k, v in a["gt_sampling"].items()}))
-    if a["flip_x"] or a["flip_y"]:
-        ts.append(RandomFlip(along_x=a["flip_x"], along_y=a["flip_y"]))
-    if a["rotation"]:
-        ts.append(GlobalRotation(tuple(a["rotation"])))
-    if a["scaling"]:
-        ts.append(GlobalScaling(tuple(a["scaling"])))
-    if a["translation_std"]:
-        ts.append(GlobalTranslation(tuple(a["translation_std"])))
+    ts += geometric_augmentation(a)
     return Compose(ts) if ts else None
 
 
@@ -214,35 +219,19 @@ def det_collate_fn(cfg: Mapping[str, Any]):
     """``functools.partial(sparseconv.datasets.collate, voxel_size=..., point_range=..., max_points_per_voxel=...)``."""
     from sparseconv.datasets import collate
 
-    d = cfg["data"]
-    return partial(collate, voxel_size=tuple(float(v) for v in d["voxel_size"]),
-                   point_range=tuple(float(v) for v in d["point_range"]),
-                   max_points_per_voxel=d["max_points_per_voxel"])
+    return partial(collate, **grid_collate_kwargs(cfg))
 
 
 def build_eval_loader(cfg: Mapping[str, Any], split: Optional[str] = None, env: Optional[DistEnv] = None,
                       limit: Optional[int] = None, batch_size: Optional[int] = None,
                       workers: Optional[int] = None) -> torch.utils.data.DataLoader:
-    """A loader over ``split`` (default ``data.val_split``) without augmentation, in frame order; in a
-    process group each rank gets every ``world_size``-th frame (:class:`ShardSampler`).
-
-    Args:
-        limit: only the first ``limit`` frames (default ``eval.limit``).
-        batch_size, workers: default ``eval.batch_size`` / ``eval.workers``.
-    """
-    e = cfg["eval"]
-    ds = build_det_dataset(cfg, split or cfg["data"]["val_split"])
-    limit = e["limit"] if limit is None else limit
-    n = len(ds) if limit is None else min(int(limit), len(ds))
-    if n < 1:
-        raise ValueError(f"nothing to evaluate: split {ds.split!r} of {ds.root} has {len(ds)} frames (limit {limit})")
-    if n < len(ds):
-        ds = torch.utils.data.Subset(ds, range(n))
-    env = env or DistEnv()
-    return torch.utils.data.DataLoader(ds, batch_size=int(batch_size or e["batch_size"]),
-                                       sampler=ShardSampler(n, env.rank, env.world_size),
-                                       num_workers=int(e["workers"] if workers is None else workers),
-                                       collate_fn=det_collate_fn(cfg))
+    """The frames of ``split`` (default ``data.val_split``) without augmentation, in order, batched by
+    :func:`det_collate_fn`: :func:`~sparseconv.engine.common.sharded_eval_loader` (each rank of a
+    process group gets every ``world_size``-th frame; ``limit``, ``batch_size``, ``workers`` default to
+    the ``eval`` settings)."""
+    split = split or cfg["data"]["val_split"]
+    return sharded_eval_loader(cfg, build_det_dataset(cfg, split), split, det_collate_fn(cfg), env=env, limit=limit,
+                               batch_size=batch_size, workers=workers, unit="frames")
 
 
 # ----------------------------------------------------------------------------- records
@@ -340,11 +329,6 @@ def kitti_prediction_lines(pred: Mapping[str, np.ndarray], class_names: Sequence
 
 
 # ----------------------------------------------------------------------------- evaluation
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def summarize_result(result: Mapping[str, Any]) -> Dict[str, float]:
     """Flat ``{"Car/3d_R40_moderate": AP, ..., "mAP/3d_R40_moderate": mean}`` of a ``kitti_eval`` result
     (the mean over the classes with ground truth)."""
@@ -394,10 +378,7 @@ def evaluate(model: torch.nn.Module, loader, class_names: Sequence[str], device:
     from tqdm import tqdm
 
     env = env or DistEnv()
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(model, device)
     was_training = model.training
     model.eval()
     frames, times = [], []
@@ -406,10 +387,10 @@ def evaluate(model: torch.nn.Module, loader, class_names: Sequence[str], device:
     try:
         for batch in tqdm(loader, desc="eval", disable=not (progress and env.is_main), leave=False, dynamic_ncols=True):
             inputs = to_device(batch, device)
-            _synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             preds = model(inputs)
-            _synchronize(device)
+            synchronize(device)
             dt = time.perf_counter() - t0
             bsz = int(batch["batch_size"])
             times.append((dt / bsz, bsz))
@@ -438,37 +419,35 @@ def evaluate(model: torch.nn.Module, loader, class_names: Sequence[str], device:
     times = [t for _, ts in gathered for t in ts]
     result = kitti_eval([f[1] for f in frames], [f[2] for f in frames], classes=tuple(class_names),
                         recall_points=tuple(recall_points), overlap=overlap, sampling=sampling)
-    per_scan = [t for t, _ in (times[1:] if len(times) > 2 else times)]
     return {
         "result": result,
         "table": format_kitti_table(result),
         "summary": summarize_result(result),
         "frames": len(frames),
         "detections": int(sum(len(f[2]["name"]) for f in frames)),
-        "ms_per_scan": 1000.0 * statistics.median(per_scan) if per_scan else float("nan"),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "batch_size": int(times[0][1]) if times else 0,
+        **speed_stats(times, device),
     }
+
+
+def evaluate_with_config(model: torch.nn.Module, loader, cfg: Mapping[str, Any],
+                         device: Optional[torch.device] = None, progress: bool = False, save_dir: Optional[str] = None,
+                         env: Optional[DistEnv] = None) -> Optional[Dict[str, Any]]:
+    """:func:`evaluate` with the classes ``data.classes`` and the ``eval`` settings (``overlap``,
+    ``sampling``, ``recall_points``, ``det_bbox``) of ``cfg``."""
+    e = cfg["eval"]
+    return evaluate(model, loader, cfg["data"]["classes"], device=device, overlap=e["overlap"], sampling=e["sampling"],
+                    recall_points=e["recall_points"], det_bbox=e["det_bbox"], progress=progress, save_dir=save_dir,
+                    env=env)
 
 
 def make_det_evaluator(cfg: Mapping[str, Any], env: Optional[DistEnv] = None, progress: bool = True):
     """``evaluate_fn(model, epoch)`` for :class:`~sparseconv.engine.trainer.Trainer`: evaluates on
     ``data.val_split`` with the ``eval`` settings, prints the table on rank 0 and returns the flat
     summary (with ``epoch``, ``ms_per_scan``, ``frames``) or None on the other ranks."""
-    state: Dict[str, Any] = {}
-    e = cfg["eval"]
-
-    def evaluate_fn(model: torch.nn.Module, epoch: int) -> Optional[Dict[str, Any]]:
-        if "loader" not in state:
-            state["loader"] = build_eval_loader(cfg, env=env)
-        out = evaluate(model, state["loader"], cfg["data"]["classes"], device=(env or DistEnv()).device,
-                       overlap=e["overlap"], sampling=e["sampling"], recall_points=e["recall_points"],
-                       det_bbox=e["det_bbox"], progress=progress, env=env)
-        if out is None:
-            return None
-        print(f"\nevaluation after epoch {epoch} ({out['frames']} frames, {out['ms_per_scan']:.1f} ms/scan):\n"
-              f"{out['table']}", flush=True)
-        return {"epoch": epoch, "frames": out["frames"], "ms_per_scan": out["ms_per_scan"], **out["summary"]}
-
-    return evaluate_fn
+    return epoch_evaluator(
+        lambda: build_eval_loader(cfg, env=env),
+        lambda model, loader: evaluate_with_config(model, loader, cfg, device=(env or DistEnv()).device,
+                                                   progress=progress, env=env),
+        "frames",
+        lambda out, epoch: {"epoch": epoch, "frames": out["frames"], "ms_per_scan": out["ms_per_scan"],
+                            **out["summary"]})

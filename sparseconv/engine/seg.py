@@ -39,12 +39,10 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
 import re
-import statistics
 import time
 from functools import partial
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -52,8 +50,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .common import (check_grid_config, create_configured_model, default_output_dir, epoch_evaluator,
+                     geometric_augmentation, grid_collate_kwargs, load_weights, model_device, sharded_eval_loader,
+                     speed_stats, synchronize)
 from .config import REQUIRED, ConfigError, FreeForm, load_config
-from .distributed import DistEnv, ShardSampler, all_gather_objects, barrier
+from .distributed import DistEnv, all_gather_objects, barrier
 from .trainer import TRAIN_SCHEMA, to_device
 
 __all__ = ["SEG_SCHEMA", "SYNTH_TRAIN_IDS", "SEMANTIC_KITTI_COLORS_BGR", "load_seg_config", "build_network",
@@ -61,7 +62,7 @@ __all__ = ["SEG_SCHEMA", "SYNTH_TRAIN_IDS", "SEMANTIC_KITTI_COLORS_BGR", "load_s
            "build_augmentation", "build_train_set", "seg_collate", "seg_collate_fn", "class_counts",
            "class_weights_from_counts", "class_weights_path", "resolve_class_weights", "build_eval_loader",
            "predict_voxels", "segment_points", "class_names_for", "activation_layers", "sparsity_report",
-           "evaluate", "make_seg_evaluator", "format_iou_table", "raw_label_colors"]
+           "evaluate", "evaluate_with_config", "make_seg_evaluator", "format_iou_table", "raw_label_colors"]
 
 
 def _synth_train_ids() -> List[int]:
@@ -149,12 +150,7 @@ def load_seg_config(path: str, overrides: Optional[Sequence] = None) -> Dict[str
     """
     cfg = load_config(path, overrides, schema=SEG_SCHEMA)
     d, lo = cfg["data"], cfg["loss"]
-    pr, vs = d["point_range"], d["voxel_size"]
-    if len(pr) != 6 or any(float(pr[i]) >= float(pr[i + 3]) for i in range(3)):
-        raise ConfigError(f"data.point_range must be 6 numbers x0, y0, z0, x1, y1, z1 with min < max, got {pr} "
-                          f"({path})")
-    if len(vs) != 3 or any(float(v) <= 0 for v in vs):
-        raise ConfigError(f"data.voxel_size must be 3 positive numbers, got {vs} ({path})")
+    check_grid_config(d, path)
     c = d["num_classes"]
     if c < 2:
         raise ConfigError(f"data.num_classes must be >= 2 (channel 0 is ignore), got {c} ({path})")
@@ -179,8 +175,7 @@ def load_seg_config(path: str, overrides: Optional[Sequence] = None) -> Dict[str
                               f"got {w!r} ({path})")
     if lo["lovasz"] < 0:
         raise ConfigError(f"loss.lovasz must be >= 0, got {lo['lovasz']} ({path})")
-    if cfg["output_dir"] is None:
-        cfg["output_dir"] = os.path.join("output", os.path.splitext(os.path.basename(path))[0])
+    default_output_dir(cfg, path)
     return cfg
 
 
@@ -188,12 +183,7 @@ def load_seg_config(path: str, overrides: Optional[Sequence] = None) -> Dict[str
 def build_network(cfg: Mapping[str, Any]) -> torch.nn.Module:
     """``sparseconv.models.create_model(model.name, in_channels=4, num_classes=data.num_classes,
     **model.args)`` after importing ``model.imports``: the bare network (per-voxel logits)."""
-    import sparseconv.models as models
-
-    for name in cfg["model"].get("imports") or ():
-        importlib.import_module(name)
-    return models.create_model(cfg["model"]["name"], in_channels=4, num_classes=int(cfg["data"]["num_classes"]),
-                               **(cfg["model"].get("args") or {}))
+    return create_configured_model(cfg, in_channels=4, num_classes=int(cfg["data"]["num_classes"]))
 
 
 class SegmentationModel(torch.nn.Module):
@@ -287,33 +277,13 @@ def load_seg_checkpoint(ckpt: str, config: Optional[str] = None, overrides: Opti
             ``model`` entry, no stored config and none given, or weights that do not fit the config's
             network (the message names both).
     """
-    import tempfile
+    from .checkpoint import load_checkpoint_config
 
-    from .checkpoint import load_checkpoint
-    from .config import dump_config
-
-    state = load_checkpoint(ckpt)
-    if not isinstance(state, Mapping) or "model" not in state:
-        raise ValueError(f"{ckpt}: not a training checkpoint (no 'model' entry)")
-    if config is None:
-        if not state.get("config"):
-            raise ValueError(f"{ckpt} holds no config: pass the experiment config (--config)")
-        with tempfile.TemporaryDirectory() as tmp:  # the stored config, validated like a file
-            path = os.path.join(tmp, "config.yaml")
-            dump_config(state["config"], path)
-            cfg = load_seg_config(path, overrides)
-        source = f"{ckpt} (stored config)"
-    else:
-        cfg, source = load_seg_config(config, overrides), config
-    model = build_segmenter(cfg)
+    cfg, state, source = load_checkpoint_config(ckpt, config, overrides, load_seg_config)
     weights = state["model"]
     if not any(k.startswith("net.") for k in weights):  # a bare network's state dict
         weights = {f"net.{k}": v for k, v in weights.items()}
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ValueError(f"{ckpt}: the weights do not fit {cfg['model']['name']} with args {cfg['model']['args']} "
-                         f"(config {source}): {str(e).splitlines()[0]}") from None
+    model = load_weights(build_segmenter(cfg), weights, ckpt, cfg, source)
     model.eval()
     return cfg, model, state, source
 
@@ -338,21 +308,12 @@ def build_augmentation(cfg: Mapping[str, Any]):
     """The training transforms of ``data.augment`` (a :class:`~sparseconv.datasets.Compose`) or None:
     random flips, global rotation, scaling, translation and point dropout, in that order. Every one
     moves (or drops) the points with their ``labels`` / ``instance``; samples have no boxes."""
-    from sparseconv.datasets import (Compose, GlobalRotation, GlobalScaling, GlobalTranslation, RandomFlip,
-                                     RandomPointDropout)
+    from sparseconv.datasets import Compose, RandomPointDropout
 
     a = cfg["data"]["augment"]
     if not a["enabled"]:
         return None
-    ts = []
-    if a["flip_x"] or a["flip_y"]:
-        ts.append(RandomFlip(along_x=a["flip_x"], along_y=a["flip_y"]))
-    if a["rotation"]:
-        ts.append(GlobalRotation(tuple(a["rotation"])))
-    if a["scaling"]:
-        ts.append(GlobalScaling(tuple(a["scaling"])))
-    if a["translation_std"]:
-        ts.append(GlobalTranslation(tuple(a["translation_std"])))
+    ts = geometric_augmentation(a)
     if a["point_dropout"]:
         ts.append(RandomPointDropout(float(a["point_dropout"])))
     return Compose(ts) if ts else None
@@ -395,10 +356,7 @@ def seg_collate(samples: Sequence[Mapping[str, Any]], voxel_size: Sequence[float
 
 def seg_collate_fn(cfg: Mapping[str, Any]):
     """``functools.partial(seg_collate, voxel_size=..., point_range=..., max_points_per_voxel=...)`` (picklable)."""
-    d = cfg["data"]
-    return partial(seg_collate, voxel_size=tuple(float(v) for v in d["voxel_size"]),
-                   point_range=tuple(float(v) for v in d["point_range"]),
-                   max_points_per_voxel=d["max_points_per_voxel"])
+    return partial(seg_collate, **grid_collate_kwargs(cfg))
 
 
 # ----------------------------------------------------------------------------- class weights
@@ -521,27 +479,14 @@ def resolve_class_weights(cfg: Mapping[str, Any], env: Optional[DistEnv] = None,
 def build_eval_loader(cfg: Mapping[str, Any], split: Optional[str] = None, env: Optional[DistEnv] = None,
                       limit: Optional[int] = None, batch_size: Optional[int] = None,
                       workers: Optional[int] = None) -> torch.utils.data.DataLoader:
-    """A loader over ``split`` (default ``data.val_split``) without augmentation, in scan order; in a
-    process group each rank gets every ``world_size``-th scan (:class:`ShardSampler`).
-
-    Args:
-        limit: only the first ``limit`` scans (default ``eval.limit``).
-        batch_size, workers: default ``eval.batch_size`` / ``eval.workers``.
-    """
-    e = cfg["eval"]
+    """The labelled scans of ``split`` (a name of ``data.splits``, an official split or sequence numbers;
+    default ``data.val_split``) without augmentation, in order, with per-voxel labels
+    (:func:`seg_collate_fn`): :func:`~sparseconv.engine.common.sharded_eval_loader` (each rank of a
+    process group gets every ``world_size``-th scan; ``limit``, ``batch_size``, ``workers`` default to
+    the ``eval`` settings)."""
     split = split or cfg["data"]["val_split"]
-    ds = build_seg_dataset(cfg, split)
-    limit = e["limit"] if limit is None else limit
-    n = len(ds) if limit is None else min(int(limit), len(ds))
-    if n < 1:
-        raise ValueError(f"nothing to evaluate: split {split!r} of {ds.root} has {len(ds)} scans (limit {limit})")
-    if n < len(ds):
-        ds = torch.utils.data.Subset(ds, range(n))
-    env = env or DistEnv()
-    return torch.utils.data.DataLoader(ds, batch_size=int(batch_size or e["batch_size"]),
-                                       sampler=ShardSampler(n, env.rank, env.world_size),
-                                       num_workers=int(e["workers"] if workers is None else workers),
-                                       collate_fn=seg_collate_fn(cfg))
+    return sharded_eval_loader(cfg, build_seg_dataset(cfg, split), split, seg_collate_fn(cfg), env=env, limit=limit,
+                               batch_size=batch_size, workers=workers, unit="scans")
 
 
 def predict_voxels(logits: Any) -> torch.Tensor:
@@ -551,11 +496,6 @@ def predict_voxels(logits: Any) -> torch.Tensor:
     if f.dim() != 2 or f.shape[1] < 2:
         raise ValueError(f"logits must be [V, C >= 2], got {tuple(f.shape)}")
     return f[:, 1:].argmax(1) + 1
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -581,10 +521,7 @@ def segment_points(model: torch.nn.Module, points: Union[np.ndarray, torch.Tenso
     pts = np.asarray(points, np.float32)
     if pts.ndim != 2 or pts.shape[1] != 4:
         raise ValueError(f"points must be [N, 4] (x, y, z, intensity), got shape {pts.shape}")
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(model, device)
     batch = collate([{"points": pts}], voxel_size=voxel_size, point_range=point_range,
                     max_points_per_voxel=max_points_per_voxel)
     p2v = batch["point_to_voxel"]
@@ -592,11 +529,11 @@ def segment_points(model: torch.nn.Module, points: Union[np.ndarray, torch.Tenso
     if x.num_voxels == 0:
         return np.zeros(len(pts), np.int64), {"voxels": 0, "outside": len(pts), "seconds": 0.0}
     x = x.to(device)
-    _synchronize(device)
+    synchronize(device)
     t0 = time.perf_counter()
     vpred = predict_voxels(model(x))
     labels = voxel_to_point_labels(vpred, p2v.to(device), ignore_index=0)
-    _synchronize(device)
+    synchronize(device)
     dt = time.perf_counter() - t0
     return labels.cpu().numpy(), {"voxels": int(x.num_voxels), "outside": int((p2v < 0).sum()), "seconds": dt}
 
@@ -635,9 +572,7 @@ def sparsity_report(model: torch.nn.Module, batches: Sequence[Any], device: Opti
     from sparseconv.sparsity import ActivationMonitor, format_table
 
     net = model.net if isinstance(model, SegmentationModel) else model
-    if device is None:
-        p = next(net.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
+    device = model_device(net, device)
     was_training = net.training
     net.eval()
     scans = 0
@@ -707,10 +642,7 @@ def evaluate(model: torch.nn.Module, loader, eval_classes: Sequence[int], num_cl
     net = model.net if isinstance(model, SegmentationModel) else model
     if num_classes is None:
         num_classes = int(getattr(net, "num_classes"))
-    if device is None:
-        p = next(model.parameters(), None)
-        device = p.device if p is not None else torch.device("cpu")
-    device = torch.device(device)
+    device = model_device(model, device)
     eval_classes = [int(k) for k in eval_classes]
     if not eval_classes or any(not 1 <= k < num_classes for k in eval_classes):
         raise ValueError(f"eval_classes must be training ids in [1, {num_classes}), got {eval_classes}")
@@ -729,11 +661,11 @@ def evaluate(model: torch.nn.Module, loader, eval_classes: Sequence[int], num_cl
             bsz = int(batch["batch_size"])
             x = to_device(batch["voxels"], device)
             p2v = batch["point_to_voxel"].to(device)
-            _synchronize(device)
+            synchronize(device)
             t0 = time.perf_counter()
             logits = net(x)
             pred = voxel_to_point_labels(predict_voxels(logits), p2v, ignore_index=0)
-            _synchronize(device)
+            synchronize(device)
             times.append(((time.perf_counter() - t0) / bsz, bsz))
             labels = batch["labels"]
             inside = batch["point_to_voxel"] >= 0
@@ -758,7 +690,6 @@ def evaluate(model: torch.nn.Module, loader, eval_classes: Sequence[int], num_cl
     iou = {names[k]: iou_all[k] for k in eval_classes}
     vals = [v for v in iou.values() if v is not None]
     miou = float(np.mean(vals)) if vals else float("nan")
-    per_scan = [t for t, _ in (times[1:] if len(times) > 2 else times)]
     out = {
         "miou": miou,
         "iou": iou,
@@ -772,14 +703,21 @@ def evaluate(model: torch.nn.Module, loader, eval_classes: Sequence[int], num_cl
         "scans": scans,
         "points": int(conf.sum()),
         "points_outside_range": outside,
-        "ms_per_scan": 1000.0 * statistics.median(per_scan) if per_scan else float("nan"),
-        "threads": torch.get_num_threads(),
-        "device": str(device),
-        "batch_size": int(times[0][1]) if times else 0,
+        **speed_stats(times, device),
         "sparsity": sparsity,
     }
     out["table"] = format_iou_table(iou, miou, res["accuracy"])
     return out
+
+
+def evaluate_with_config(model: torch.nn.Module, loader, cfg: Mapping[str, Any],
+                         device: Optional[torch.device] = None, progress: bool = False, env: Optional[DistEnv] = None,
+                         sparsity_scans: Optional[int] = None) -> Optional[Dict[str, Any]]:
+    """:func:`evaluate` with ``data.eval_classes`` and ``data.num_classes`` of ``cfg``; ``sparsity_scans``
+    defaults to ``eval.sparsity_scans``."""
+    d = cfg["data"]
+    return evaluate(model, loader, d["eval_classes"], int(d["num_classes"]), device=device, progress=progress, env=env,
+                    sparsity_scans=int(cfg["eval"]["sparsity_scans"] if sparsity_scans is None else sparsity_scans))
 
 
 def make_seg_evaluator(cfg: Mapping[str, Any], env: Optional[DistEnv] = None, progress: bool = True):
@@ -787,22 +725,14 @@ def make_seg_evaluator(cfg: Mapping[str, Any], env: Optional[DistEnv] = None, pr
     ``data.val_split`` with the ``eval`` settings (no sparsity pass), prints the table on rank 0 and
     returns a flat summary (``epoch``, ``miou``, ``accuracy``, ``ms_per_scan``, ``scans``,
     ``iou/<class>``) or None on the other ranks."""
-    state: Dict[str, Any] = {}
-
-    def evaluate_fn(model: torch.nn.Module, epoch: int) -> Optional[Dict[str, Any]]:
-        if "loader" not in state:
-            state["loader"] = build_eval_loader(cfg, env=env)
-        out = evaluate(model, state["loader"], cfg["data"]["eval_classes"], int(cfg["data"]["num_classes"]),
-                       device=(env or DistEnv()).device, progress=progress, env=env)
-        if out is None:
-            return None
-        print(f"\nevaluation after epoch {epoch} ({out['scans']} scans, {out['ms_per_scan']:.1f} ms/scan):\n"
-              f"{out['table']}", flush=True)
-        return {"epoch": epoch, "miou": out["miou"], "accuracy": out["accuracy"], "scans": out["scans"],
-                "ms_per_scan": out["ms_per_scan"],
-                **{f"iou/{k}": (float("nan") if v is None else v) for k, v in out["iou"].items()}}
-
-    return evaluate_fn
+    return epoch_evaluator(
+        lambda: build_eval_loader(cfg, env=env),
+        lambda model, loader: evaluate_with_config(model, loader, cfg, device=(env or DistEnv()).device,
+                                                   progress=progress, env=env, sparsity_scans=0),
+        "scans",
+        lambda out, epoch: {"epoch": epoch, "miou": out["miou"], "accuracy": out["accuracy"], "scans": out["scans"],
+                            "ms_per_scan": out["ms_per_scan"],
+                            **{f"iou/{k}": (float("nan") if v is None else v) for k, v in out["iou"].items()}})
 
 
 def raw_label_colors(raw_ids: np.ndarray) -> np.ndarray:
