@@ -17,8 +17,8 @@
 // sparse_rows(m, n, k, a, lda, b, ldb, c, ldc, idx):
 //   C[r, 0:n) = sum over p with a[r, p] != 0 of a[r, p] * B[p, 0:n)   (C overwritten)
 //   for r in [0, m): a row-major product that skips the zeros of A, found by
-//   vector compares (sparse_mm.h).  idx: caller scratch of k int32 (the ISA
-//   translation units allocate nothing).
+//   vector compares (sparse_mm.h).  idx: caller scratch of k + kSparseIdxSlack int32
+//   (the ISA translation units allocate nothing; packed index stores write whole vectors).
 //
 // gemm_rows_f32() / gemm_pairs_f32() / sparse_rows_f32() return the best variant this CPU runs (AVX-512, AVX2+FMA
 // or portable C++), chosen once from the CPU's feature flags.  The ISA
@@ -30,6 +30,9 @@
 
 namespace sparseconv {
 namespace cpu {
+
+// Entries of sparse_rows' idx scratch beyond k (whole-vector stores of packed indices).
+constexpr int64_t kSparseIdxSlack = 16;
 
 using GemmRowsFn = void (*)(int64_t m, int64_t n, int64_t k, const float* const* a_rows, const float* b, int64_t ldb,
                             float* const* c_rows);

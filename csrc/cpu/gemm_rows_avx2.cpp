@@ -23,6 +23,20 @@ namespace sparseconv {
 namespace cpu {
 namespace {
 
+// For each 8-bit mask, its set lanes in increasing order (then zeros): the permutation that packs them.
+struct PackTable {
+  uint8_t lanes[256][8];
+  constexpr PackTable() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      int j = 0;
+      for (int i = 0; i < 8; ++i) {
+        if (m & (1 << i)) lanes[m][j++] = static_cast<uint8_t>(i);
+      }
+    }
+  }
+};
+constexpr PackTable kPack{};
+
 struct V256 {
   using T = __m256;
   using Mask = __m256i;
@@ -37,8 +51,15 @@ struct V256 {
   static T bcast(float x) { return _mm256_set1_ps(x); }
   static T fma(T a, T b, T c) { return _mm256_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm256_add_ps(a, b); }
-  static uint32_t nonzero_bits(const float* p) {
-    return static_cast<uint32_t>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), _mm256_setzero_ps(), _CMP_NEQ_UQ)));
+  // The indices base + i of the non-zero (or NaN) lanes of p[0, 8), packed at out (8 entries
+  // written) through a table of lane permutations; returns how many.
+  static int nonzero_index(const float* p, int32_t base, int32_t* out) {
+    const int bits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), _mm256_setzero_ps(), _CMP_NEQ_UQ));
+    const __m256i perm = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(kPack.lanes[bits])));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_add_epi32(_mm256_set1_epi32(base), _mm256_permutevar8x32_epi32(
+                                                                      _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), perm)));
+    return __builtin_popcount(static_cast<unsigned>(bits));
   }
   static Mask mask(int w) {
     return _mm256_setr_epi32(0 < w ? -1 : 0, 1 < w ? -1 : 0, 2 < w ? -1 : 0, 3 < w ? -1 : 0, 4 < w ? -1 : 0,

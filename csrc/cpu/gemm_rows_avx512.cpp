@@ -38,8 +38,15 @@ struct V512 {
   static T fma(T a, T b, T c) { return _mm512_fmadd_ps(a, b, c); }
   static T add(T a, T b) { return _mm512_add_ps(a, b); }
   static Mask mask(int w) { return static_cast<Mask>(w >= 16 ? 0xFFFFu : (1u << w) - 1u); }
-  static uint32_t nonzero_bits(const float* p) {
-    return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+  // The indices base + i of the non-zero (or NaN) lanes of p[0, 16), packed at out (16 entries
+  // written); returns how many.  Compress into a register, then a plain store: the memory form of
+  // vpcompressd is microcoded and slow on some CPUs.
+  static int nonzero_index(const float* p, int32_t base, int32_t* out) {
+    const __mmask16 m = _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_setzero_ps(), _CMP_NEQ_UQ);
+    const __m512i ids = _mm512_add_epi32(_mm512_set1_epi32(base),
+                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    _mm512_storeu_si512(out, _mm512_maskz_compress_epi32(m, ids));
+    return __builtin_popcount(static_cast<unsigned>(m));
   }
 };
 

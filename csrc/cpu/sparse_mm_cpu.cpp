@@ -22,7 +22,7 @@ at::Tensor sparse_rows_mm_cpu(const at::Tensor& a_in, const at::Tensor& b_in) {
   const float* bp = b.data_ptr<float>();
   float* op = out.data_ptr<float>();
   at::parallel_for(0, m, 256, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> idx(k > 0 ? k : 1);
+    std::vector<int32_t> idx(k + cpu::kSparseIdxSlack);
     fn(end - begin, n, k, ap + begin * k, k, bp, n, op + begin * n, n, idx.data());
   });
   return out;
