@@ -170,7 +170,7 @@ def load_scans(inputs: Sequence[str]) -> List[Scan]:
 def _simulated_points() -> np.ndarray:
     from .cli.demo import simulated_scan
 
-    return simulated_scan(0)
+    return np.asarray(simulated_scan(0).points, dtype=np.float32)
 
 
 def _spconv():

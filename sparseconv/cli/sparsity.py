@@ -205,7 +205,7 @@ def _scans(args) -> List[Tuple[str, object]]:
     from .demo import simulated_scan
 
     n = args.scans or 1
-    return [(f"simulated HDL-64E scan (seed {args.seed + i})", (lambda s=args.seed + i: simulated_scan(s)))
+    return [(f"simulated HDL-64E scan (seed {args.seed + i})", (lambda s=args.seed + i: np.asarray(simulated_scan(s).points, dtype=np.float32)))
             for i in range(n)]
 
 
