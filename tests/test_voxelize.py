@@ -372,6 +372,19 @@ def _both_thread_counts(fn):
     return outs
 
 
+def _assert_matches_reference_on_every_thread_count(outs, ref):
+    """Every thread count's outputs equal the reference (floats to 1e-6) and each other bit for bit."""
+    for got in outs:
+        for a, b in zip(got, ref):
+            if a.is_floating_point():
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+            else:
+                assert torch.equal(a, b)
+    for other in outs[1:]:
+        for a, b in zip(outs[0], other):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("reduce", ["pad", "mean", "max", "first", "count"])
 @pytest.mark.parametrize("order_by_first", [True, False])
 @pytest.mark.parametrize("max_voxels", [-1, 4000, 100000])  # no limit, hit, not hit
@@ -389,15 +402,7 @@ def test_op_paths_match_reference_with_1_and_2_threads(reduce, order_by_first, m
     ref = voxelize_reference(*args)
     if max_voxels == 4000:
         assert int(outs[0][4][2]) > 0  # the limit is hit
-    for got in outs:
-        for a, b in zip(got, ref):
-            if a.is_floating_point():
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-            else:
-                assert torch.equal(a, b)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    _assert_matches_reference_on_every_thread_count(outs, ref)
 
 
 @pytest.mark.parametrize("reduce", ["pad", "mean", "count"])
@@ -413,15 +418,7 @@ def test_large_input_parallel_passes_match_reference(reduce, order_by_first, max
     args = (pts, batch, (0.1, 0.1, 0.2), (-30, -30, -3), (600, 600, 30), 2, 2, max_voxels, reduce, order_by_first)
     outs = _both_thread_counts(lambda: ops.voxelize(*args))
     assert outs[0][0].shape[0] > (131072 if max_voxels < 0 else 59999)
-    for got in outs:
-        for a, b in zip(got, voxelize_reference(*args)):
-            if a.is_floating_point():
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-            else:
-                assert torch.equal(a, b)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    _assert_matches_reference_on_every_thread_count(outs, voxelize_reference(*args))
 
 
 @pytest.mark.parametrize("reduce", ["mean", "max", "first"])
@@ -434,15 +431,7 @@ def test_op_without_max_points_matches_reference(reduce, order_by_first):
     batch = torch.from_numpy(np.random.default_rng(17).integers(0, 2, len(pts)))
     args = (pts, batch, (0.5, 0.5, 0.5), (-30, -30, -4), (120, 120, 12), 2, -1, 3000, reduce, order_by_first)
     outs = _both_thread_counts(lambda: ops.voxelize(*args))
-    for got in outs:
-        for a, b in zip(got, voxelize_reference(*args)):
-            if a.is_floating_point():
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
-            else:
-                assert torch.equal(a, b)
-    for other in outs[1:]:
-        for a, b in zip(outs[0], other):
-            assert torch.equal(a, b)
+    _assert_matches_reference_on_every_thread_count(outs, voxelize_reference(*args))
 
 
 def test_padded_outputs_are_independent_across_calls():
