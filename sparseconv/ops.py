@@ -13,7 +13,7 @@ Offsets are enumerated x-major: ``k = (kx * KY + ky) * KZ + kz``.
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -33,6 +33,7 @@ __all__ = [
     "avgpool_backward",
     "voxelize",
     "sparse_rows_mm",
+    "window_attention",
     "OP_NAMES",
 ]
 
@@ -53,6 +54,8 @@ OP_NAMES = (
     "avgpool_backward",
     "voxelize",
     "sparse_rows_mm",
+    "window_attention",
+    "window_attention_backward",
 )
 
 
@@ -293,6 +296,104 @@ torch.library.register_autograd(
 )
 
 
+@torch.library.register_fake("sparseconv::window_attention")
+def _window_attention_fake(qkv, offsets, index, heads, scale):
+    torch._check(qkv.dim() == 2 and heads >= 1 and qkv.shape[1] % (3 * heads) == 0,
+                 lambda: "sparseconv.window_attention: qkv must be [N, 3 * C] with C divisible by heads")
+    return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3)), qkv.new_empty((qkv.shape[0], heads))
+
+
+@torch.library.register_fake("sparseconv::window_attention_backward")
+def _window_attention_backward_fake(grad_out, qkv, out, lse, offsets, index, heads, scale):
+    return qkv.new_empty(qkv.shape)
+
+
+def _window_attention_setup(ctx, inputs, output):
+    qkv, offsets, index, heads, scale = inputs
+    out, lse = output
+    ctx.heads, ctx.scale = heads, scale
+    ctx.save_for_backward(qkv, offsets, index, out, lse)
+
+
+def _window_attention_backward(ctx, grad_out, grad_lse):
+    # lse is an auxiliary output for the backward; its gradient is not propagated (it must be unused).
+    qkv, offsets, index, out, lse = ctx.saved_tensors
+    grad = _ops.window_attention_backward(grad_out.contiguous(), qkv, out, lse, offsets, index, ctx.heads, ctx.scale)
+    return grad, None, None, None, None
+
+
+torch.library.register_autograd(
+    "sparseconv::window_attention", _window_attention_backward, setup_context=_window_attention_setup
+)
+
+
+def _window_attention_backward_setup(ctx, inputs, output):
+    ctx.heads, ctx.scale = inputs[6], inputs[7]
+
+
+def _window_attention_double_backward(ctx, gg):
+    raise NotImplementedError("sparseconv.window_attention: double backward (gradients of gradients) is not "
+                              "implemented")
+
+
+torch.library.register_autograd(
+    "sparseconv::window_attention_backward", _window_attention_double_backward,
+    setup_context=_window_attention_backward_setup,
+)
+
+
+def _padded_window_attention(qkv: torch.Tensor, offsets: torch.Tensor, index, heads: int, scale: float):
+    """``window_attention`` by batched dense attention over groups padded to powers of two (with a key mask).
+
+    The CUDA kernel of the op (it runs batched matrix products on the GPU); any device, any floating dtype.
+    """
+    if index is not None:
+        out, lse = _padded_window_attention(qkv.index_select(0, index), offsets, None, heads, scale)
+        return (torch.empty_like(out).index_copy(0, index, out), torch.empty_like(lse).index_copy(0, index, lse))
+    n, c = qkv.shape[0], qkv.shape[1] // 3
+    d = c // heads
+    out = qkv.new_zeros((n, c))
+    lse = qkv.new_zeros((n, heads))
+    sizes = offsets[1:] - offsets[:-1]
+    if n == 0 or sizes.numel() == 0:
+        return out, lse
+    group = torch.repeat_interleave(torch.arange(sizes.numel(), device=qkv.device), sizes)
+    pos = torch.arange(n, device=qkv.device) - offsets[:-1].index_select(0, group)
+    padded = torch.where(sizes > 0, 2 ** torch.ceil(torch.log2(sizes.clamp_min(1).double())).long(), 0)
+    padded_of_row = padded.index_select(0, group)
+    for p in torch.unique(padded[sizes > 0]).tolist():
+        groups_p = (padded == p).nonzero().squeeze(1)
+        local = torch.full((sizes.numel(),), -1, dtype=torch.long, device=qkv.device)
+        local[groups_p] = torch.arange(groups_p.numel(), device=qkv.device)
+        rows = (padded_of_row == p).nonzero().squeeze(1)
+        slot = local.index_select(0, group.index_select(0, rows)) * p + pos.index_select(0, rows)
+        g = groups_p.numel()
+        buf = qkv.new_zeros((g * p, 3 * c)).index_copy(0, slot, qkv.index_select(0, rows))
+        buf = buf.view(g, p, 3, heads, d).permute(2, 0, 3, 1, 4)  # [3, G, heads, P, d]
+        valid = torch.zeros(g * p, dtype=torch.bool, device=qkv.device)
+        valid[slot] = True
+        scores = (buf[0] @ buf[1].transpose(-1, -2)) * scale
+        scores = scores.masked_fill(~valid.view(g, 1, 1, p), float("-inf"))
+        row_lse = torch.logsumexp(scores, dim=-1)  # [G, heads, P]
+        o = torch.exp(scores - row_lse.unsqueeze(-1)) @ buf[2]
+        out[rows] = o.permute(0, 2, 1, 3).reshape(g * p, c).index_select(0, slot)
+        lse[rows] = row_lse.permute(0, 2, 1).reshape(g * p, heads).index_select(0, slot)
+    return out, lse
+
+
+def _padded_window_attention_backward(grad_out, qkv, out, lse, offsets, index, heads, scale):
+    with torch.enable_grad():
+        x = qkv.detach().requires_grad_(True)
+        o, _ = _padded_window_attention(x, offsets, index, heads, scale)
+        (grad,) = torch.autograd.grad(o, x, grad_out)
+    return grad
+
+
+# CUDA: the padded batched path (no hand-written CUDA kernel for this op yet).
+torch.library.register_kernel("sparseconv::window_attention", "cuda", _padded_window_attention)
+torch.library.register_kernel("sparseconv::window_attention_backward", "cuda", _padded_window_attention_backward)
+
+
 # --------------------------------------------------------------------------
 # Typed wrappers.
 # --------------------------------------------------------------------------
@@ -373,6 +474,28 @@ def sparse_rows_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     activation-sparse FFN); elsewhere it is ``torch.mm``.  Differentiable in both arguments.
     """
     return _ops.sparse_rows_mm(a, b)
+
+
+def window_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float,
+                     index: Optional[torch.Tensor] = None):
+    """Multi-head attention within groups of rows (``csrc/window_attention.h``).
+
+    Args:
+        qkv: ``[N, 3C]`` rows ``[q | k | v]`` (``C = heads * d``).
+        offsets: int64 ``[G + 1]``: group ``g`` is rows ``index[offsets[g]:offsets[g + 1]]`` of ``qkv``.
+        heads: attention heads.
+        scale: score scale (usually ``d ** -0.5``).
+        index: int64 ``[N]`` permutation of the rows (``None``: the identity, groups of consecutive rows).
+
+    Returns:
+        ``(out [N, C], lse [N, heads])`` (rows as in ``qkv``); differentiable in ``qkv`` (``lse`` is for
+        the backward only).
+
+    Example:
+        >>> qkv = torch.randn(7, 3 * 8)
+        >>> out, lse = window_attention(qkv, torch.tensor([0, 3, 7]), heads=2, scale=0.5)   # groups 0-2, 3-6
+    """
+    return _ops.window_attention(qkv, offsets, index, int(heads), float(scale))
 
 
 def voxelize(points, batch, voxel_size, lower, grid, batch_size: int, max_points: int = -1, max_voxels: int = -1,

@@ -42,6 +42,7 @@ __all__ = [
     "hash_query_reference",
     "kmap_submanifold_reference",
     "sparse_rows_mm_reference",
+    "window_attention_reference",
     "kmap_strided_reference",
     "conv_forward_reference",
     "conv_input_grad_reference",
@@ -579,3 +580,30 @@ def sparse_rows_mm_reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"sparse_rows_mm: shapes {tuple(a.shape)} and {tuple(b.shape)} do not multiply")
     return a @ b
+
+
+def window_attention_reference(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float, index=None):
+    """Reference of ``window_attention``: a loop over groups, plain softmax attention per group and head.
+
+    ``qkv`` ``[N, 3C]`` rows ``[q | k | v]``; group ``g`` is rows ``index[offsets[g]:offsets[g + 1]]`` (consecutive
+    rows when ``index`` is None).  Returns ``(out [N, C], lse [N, heads])`` with ``lse`` the log-sum-exp of each
+    row's scaled scores, rows as in ``qkv``.
+    """
+    if index is not None:
+        out, lse = window_attention_reference(qkv[index], offsets, heads, scale)
+        return torch.empty_like(out).index_copy(0, index, out), torch.empty_like(lse).index_copy(0, index, lse)
+    n, c3 = qkv.shape
+    c = c3 // 3
+    d = c // heads
+    out = qkv.new_zeros((n, c))
+    lse = qkv.new_zeros((n, heads))
+    bounds = [int(v) for v in offsets.tolist()]
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b <= a:
+            continue
+        rows = qkv[a:b].view(b - a, 3, heads, d)
+        q, k, v = rows[:, 0].transpose(0, 1), rows[:, 1].transpose(0, 1), rows[:, 2].transpose(0, 1)  # [h, n, d]
+        scores = (q @ k.transpose(1, 2)) * scale
+        lse[a:b] = torch.logsumexp(scores, dim=-1).t()
+        out[a:b] = (torch.softmax(scores, dim=-1) @ v).transpose(0, 1).reshape(b - a, c)
+    return out, lse

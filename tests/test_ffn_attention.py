@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from sparseconv import SparseTensor
+from sparseconv import SparseTensor, ops
+from sparseconv import reference as ref
 from sparseconv.nn import SparseFFN, SparseMoEFFN, SparseTransformerBlock, SparseWindowAttention
 from sparseconv.nn.ffn import SPARSE_FFN_BREAK_EVEN
 
@@ -250,3 +251,89 @@ def test_transformer_block_shapes_and_sparse_tensor(activation, k, shift):
     y.features.sum().backward()
     assert all(p.grad is not None for p in block.attn.parameters())
     assert block(torch.randn(0, 16), torch.zeros(0, 4, dtype=torch.int32)).shape == (0, 16)
+
+
+# --------------------------------------------------------------------------- the window_attention op
+def _groups(sizes, heads, d, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    offsets = torch.tensor([0] + list(sizes)).cumsum(0)
+    return torch.randn(int(offsets[-1]), 3 * heads * d, generator=g, dtype=dtype) * 2, offsets
+
+
+@pytest.mark.parametrize("sizes,heads,d", [([5], 1, 3), ([1, 0, 7, 64, 2], 4, 16), ([30, 0, 0, 11], 3, 5)])
+def test_window_attention_op_equals_reference(sizes, heads, d):
+    qkv, offsets = _groups(sizes, heads, d)
+    out, lse = ops.window_attention(qkv, offsets, heads, 0.7)
+    exp_out, exp_lse = ref.window_attention_reference(qkv, offsets, heads, 0.7)
+    torch.testing.assert_close(out, exp_out, rtol=0, atol=1e-12)
+    torch.testing.assert_close(lse, exp_lse, rtol=0, atol=1e-12)
+    # through a permutation: group g is rows index[offsets[g]:offsets[g + 1]]
+    index = torch.randperm(qkv.shape[0], generator=torch.Generator().manual_seed(1))
+    out_p, lse_p = ops.window_attention(qkv, offsets, heads, 0.7, index)
+    torch.testing.assert_close(out_p[index], ops.window_attention(qkv[index], offsets, heads, 0.7)[0], rtol=0, atol=0)
+    torch.testing.assert_close((out_p, lse_p), ref.window_attention_reference(qkv, offsets, heads, 0.7, index),
+                               rtol=0, atol=1e-12)
+    # float32: the vectorized kernel (polynomial exp) within float32 rounding of the float64 result
+    out32, lse32 = ops.window_attention(qkv.float(), offsets, heads, 0.7)
+    torch.testing.assert_close(out32.double(), exp_out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse32.double(), exp_lse, rtol=1e-5, atol=1e-5)
+
+
+def test_window_attention_op_gradcheck_and_float32_backward():
+    qkv, offsets = _groups([3, 1, 0, 4], 2, 3)
+    qkv.requires_grad_(True)
+    index = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])
+    assert torch.autograd.gradcheck(lambda x: ops.window_attention(x, offsets, 2, 0.5)[0], (qkv,))
+    assert torch.autograd.gradcheck(lambda x: ops.window_attention(x, offsets, 2, 0.5, index)[0], (qkv,))
+    # float32 backward against autograd through the float64 reference
+    q64 = qkv.detach().clone().requires_grad_(True)
+    grad = torch.randn(q64.shape[0], 6, dtype=torch.float64)
+    (ref.window_attention_reference(q64, offsets, 2, 0.5)[0] * grad).sum().backward()
+    q32 = qkv.detach().float().requires_grad_(True)
+    (ops.window_attention(q32, offsets, 2, 0.5)[0] * grad.float()).sum().backward()
+    torch.testing.assert_close(q32.grad.double(), q64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_window_attention_padded_path_equals_reference():
+    # The CUDA kernel of the op is the padded batched path; it runs on any device, so check it here.
+    qkv, offsets = _groups([1, 0, 7, 64, 2, 33], 4, 4)
+    index = torch.randperm(qkv.shape[0], generator=torch.Generator().manual_seed(3))
+    for idx in (None, index):
+        got = ops._padded_window_attention(qkv, offsets, idx, 4, 0.5)
+        exp = ref.window_attention_reference(qkv, offsets, 4, 0.5, idx)
+        for a, b in zip(got, exp):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        grad = torch.randn(qkv.shape[0], 16, dtype=torch.float64)
+        out, lse = exp
+        torch.testing.assert_close(
+            ops._padded_window_attention_backward(grad, qkv, out, lse, offsets, idx, 4, 0.5),
+            torch.ops.sparseconv.window_attention_backward(grad, qkv, out, lse, offsets, idx, 4, 0.5),
+            rtol=0, atol=1e-12)
+
+
+def test_window_attention_op_nan_stays_in_its_group():
+    qkv, offsets = _groups([3, 4], 1, 4, dtype=torch.float32)
+    qkv[0, 0] = float("nan")
+    out, _ = ops.window_attention(qkv, offsets, 1, 0.5)
+    assert torch.isnan(out[:3]).any() and torch.isfinite(out[3:]).all()
+
+
+def test_window_attention_op_errors():
+    qkv, offsets = _groups([3, 4], 2, 4)
+    with pytest.raises(ValueError, match="offsets must start at 0 and end at N"):
+        ops.window_attention(qkv, torch.tensor([0, 3, 6]), 2, 1.0)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        ops.window_attention(qkv, torch.tensor([0, 5, 3, 7]), 2, 1.0)
+    with pytest.raises(ValueError, match="int64"):
+        ops.window_attention(qkv, offsets.int(), 2, 1.0)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        ops.window_attention(qkv, offsets, 5, 1.0)
+    with pytest.raises(TypeError, match="float32 and float64"):
+        ops.window_attention(qkv.half(), offsets, 2, 1.0)
+    out, lse = ops.window_attention(qkv, offsets, 2, 1.0)
+    with pytest.raises(ValueError, match="lse must be"):
+        torch.ops.sparseconv.window_attention_backward(out, qkv, out, lse[:, :1], offsets, None, 2, 1.0)
+    with pytest.raises(ValueError, match="repeats a row"):
+        ops.window_attention(qkv, offsets, 2, 1.0, torch.tensor([0, 1, 2, 3, 4, 5, 5]))
+    with pytest.raises(ValueError, match="out of range"):
+        ops.window_attention(qkv, offsets, 2, 1.0, torch.tensor([0, 1, 2, 3, 4, 5, 7]))

@@ -5,8 +5,8 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
+from .. import ops
 from ..tensor import SparseTensor
 from .base import SparseModule
 from .ffn import SparseFFN
@@ -80,10 +80,12 @@ class SparseWindowAttention(SparseModule):
 
     Voxels are grouped by ``(batch element, window)``; a window holding more than ``max_group`` active voxels
     is cut into chunks of at most ``max_group`` (consecutive in input order), and attention is *within each
-    chunk* (a voxel never attends outside its chunk).  Chunks are padded, with a key-padding mask, to the next
-    power of two (at most ``max_group``), so fewer than half of the slots are padding (and never more than
-    ``max_group - 1`` per chunk), and the cost is ``O(N * max_group)``, never ``O(N^2)``.  Each padded size is
-    one ``torch.nn.functional.scaled_dot_product_attention`` call with a boolean mask.
+    chunk* (a voxel never attends outside its chunk), so the cost is ``O(N * max_group)``, never ``O(N^2)``.
+    The chunks' rows are made contiguous (one sort) and attended by :func:`sparseconv.ops.window_attention`
+    without padding: on the CPU a fused kernel (scores, softmax and the weighted sum per row, vectorized;
+    the backward recomputes the softmax from the saved log-sum-exp), on CUDA batched products over chunks
+    padded to powers of two with a key mask.  With ``topk`` the scores are computed explicitly over padded
+    chunks (the ``topk`` largest per query are kept).
 
     Args:
         channels: channels ``C`` (input and output).
@@ -131,52 +133,53 @@ class SparseWindowAttention(SparseModule):
         return (f"channels={self.channels}, heads={self.heads}, window={self.window}, shift={self.shift}, "
                 f"topk={self.topk}, max_group={self.max_group}")
 
-    def _attend(self, q, k, v, valid):
-        """``q, k, v`` ``[G, heads, P, d]``; ``valid`` bool ``[G, P]`` (True: a real voxel)."""
-        mask = valid[:, None, None, :]
-        if self.topk is None:
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))
-        scores = scores.masked_fill(~mask, float("-inf"))
-        kk = min(self.topk, scores.shape[-1])
-        kth = scores.topk(kk, dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-        return torch.softmax(scores, dim=-1) @ v
+    def _attend_topk(self, qkv_sorted: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+        """Top-k attention within the chunks (rows of ``qkv_sorted`` contiguous per chunk), padded by size."""
+        n, ch, h = qkv_sorted.shape[0], self.channels, self.heads
+        d = ch // h
+        chunk = torch.repeat_interleave(torch.arange(sizes.numel(), device=qkv_sorted.device), sizes)
+        starts = torch.cumsum(sizes, 0) - sizes
+        pos = torch.arange(n, device=qkv_sorted.device) - starts.index_select(0, chunk)
+        # Padded size of each chunk: the next power of two, capped at max_group.
+        padded = torch.clamp(2 ** torch.ceil(torch.log2(sizes.double())).long(), max=self.max_group)
+        padded_of_row = padded.index_select(0, chunk)
+        out = qkv_sorted.new_empty(n, ch)
+        for p in torch.unique(padded).tolist():
+            chunks_p = (padded == p).nonzero().squeeze(1)
+            local = torch.full((padded.numel(),), -1, dtype=torch.long, device=qkv_sorted.device)
+            local[chunks_p] = torch.arange(chunks_p.numel(), device=qkv_sorted.device)
+            sel = (padded_of_row == p).nonzero().squeeze(1)
+            slot = local.index_select(0, chunk.index_select(0, sel)) * p + pos.index_select(0, sel)
+            g = chunks_p.numel()
+            buf = qkv_sorted.new_zeros(g * p, 3 * ch).index_copy(0, slot, qkv_sorted.index_select(0, sel))
+            q, k, v = buf.view(g, p, 3, h, d).permute(2, 0, 3, 1, 4)  # each [G, heads, P, d]
+            valid = torch.zeros(g * p, dtype=torch.bool, device=qkv_sorted.device)
+            valid[slot] = True
+            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
+            scores = scores.masked_fill(~valid.view(g, 1, 1, p), float("-inf"))
+            kth = scores.topk(min(self.topk, p), dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
+            o = torch.softmax(scores, dim=-1) @ v
+            out = out.index_copy(0, sel, o.permute(0, 2, 1, 3).reshape(g * p, ch).index_select(0, slot))
+        return out
 
     def forward(self, x, coords: Optional[torch.Tensor] = None):
         f, c = _coords_and_features(x, coords, "SparseWindowAttention")
         if f.shape[1] != self.channels:
             raise ValueError(f"SparseWindowAttention expects {self.channels} channels, got {f.shape[1]}")
-        n, ch, h = f.shape[0], self.channels, self.heads
-        d = ch // h
+        n, ch = f.shape[0], self.channels
         qkv = self.qkv(f)
         if n == 0:
             out = self.proj(qkv[:, :ch])
             return x.replace_feature(out) if isinstance(x, SparseTensor) else out
-        order, chunk, pos, sizes = window_groups(c, self.window, self.shift_amount, self.max_group)
-        qkv_sorted = qkv.index_select(0, order)
-        # Padded size of each chunk: the next power of two, capped at max_group.
-        padded = torch.clamp(2 ** torch.ceil(torch.log2(sizes.double())).long(), max=self.max_group)
-        padded_of_voxel = padded.index_select(0, chunk)
-        attended = qkv.new_empty(n, ch)
-        pieces, rows = [], []
-        for p in torch.unique(padded).tolist():
-            chunks_p = (padded == p).nonzero().squeeze(1)
-            local = torch.full((padded.numel(),), -1, dtype=torch.long, device=f.device)
-            local[chunks_p] = torch.arange(chunks_p.numel(), device=f.device)
-            sel = (padded_of_voxel == p).nonzero().squeeze(1)  # positions in sorted order
-            slot = local.index_select(0, chunk.index_select(0, sel)) * p + pos.index_select(0, sel)
-            g = chunks_p.numel()
-            buf = qkv.new_zeros(g * p, 3 * ch).index_copy(0, slot, qkv_sorted.index_select(0, sel))
-            buf = buf.view(g, p, 3, h, d).permute(2, 0, 3, 1, 4)  # [3, G, heads, P, d]
-            valid = torch.zeros(g * p, dtype=torch.bool, device=f.device)
-            valid[slot] = True
-            o = self._attend(buf[0], buf[1], buf[2], valid.view(g, p))  # [G, heads, P, d]
-            o = o.permute(0, 2, 1, 3).reshape(g * p, ch).index_select(0, slot)
-            pieces.append(o)
-            rows.append(order.index_select(0, sel))
-        attended = attended.index_copy(0, torch.cat(rows), torch.cat(pieces)) if len(pieces) > 1 else \
-            attended.index_copy(0, rows[0], pieces[0])
+        order, _, _, sizes = window_groups(c, self.window, self.shift_amount, self.max_group)
+        if self.topk is None:
+            # chunks are contiguous in sorted order; the op reads the rows through `order` itself
+            offsets = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
+            attended, _ = ops.window_attention(qkv, offsets, self.heads, 1.0 / math.sqrt(ch // self.heads), order)
+        else:
+            attended_sorted = self._attend_topk(qkv.index_select(0, order), sizes)
+            attended = torch.empty_like(attended_sorted).index_copy(0, order, attended_sorted)
         out = self.proj(attended)
         return x.replace_feature(out) if isinstance(x, SparseTensor) else out
 

@@ -1,0 +1,63 @@
+// AVX512 build of the float32 window-attention kernels (window_attention_isa.h): the plain loops of
+// window_attention_kernel.h compiled for this ISA through the target attribute below (run only when
+// cpu_isa() is "avx512" or better).
+#if defined(__x86_64__) || defined(_M_X64)
+
+// Standard headers before the target pragma, so nothing of theirs is compiled for this ISA.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "window_attention_isa.h"
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,fma,avx2"))), apply_to = function)
+#elif defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,fma,avx2")
+#endif
+
+#include <immintrin.h>
+
+namespace sparseconv {
+namespace cpu {
+namespace {
+// AVX-512 register block of the window-attention kernels: one zmm of 16 floats.
+template <typename T>
+struct AttnVec;
+template <>
+struct AttnVec<float> {
+  using V = __m512;
+  static V zero() { return _mm512_setzero_ps(); }
+  static V load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+  static V fma(V acc, float a, const float* p) { return _mm512_fmadd_ps(_mm512_set1_ps(a), _mm512_loadu_ps(p), acc); }
+  static V max(V acc, const float* p) { return _mm512_max_ps(acc, _mm512_loadu_ps(p)); }
+};
+
+#include "window_attention_kernel.h"
+}  // namespace
+
+void attn_forward_avx512(const float* qkv, const int64_t* offsets, const int64_t* index, int64_t g_begin,
+                       int64_t g_end, int64_t heads, int64_t d, float scale, float* out, float* lse, float* scratch,
+                       int64_t* rows) {
+  attn_forward_groups<float>(qkv, offsets, index, g_begin, g_end, heads, d, scale, out, lse, scratch, rows);
+}
+
+void attn_backward_avx512(const float* grad_out, const float* qkv, const float* out, const float* lse,
+                        const int64_t* offsets, const int64_t* index, int64_t g_begin, int64_t g_end, int64_t heads,
+                        int64_t d, float scale, float* grad_qkv, float* scratch, int64_t* rows) {
+  attn_backward_groups<float>(grad_out, qkv, out, lse, offsets, index, g_begin, g_end, heads, d, scale, grad_qkv,
+                              scratch, rows);
+}
+
+}  // namespace cpu
+}  // namespace sparseconv
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#elif defined(__GNUC__)
+#pragma GCC pop_options
+#endif
+
+#endif  // x86-64

@@ -1,0 +1,286 @@
+// The bodies of the CPU window-attention kernels (window_attention.h), written
+// once as plain loops over a scalar type T and included by each ISA's
+// translation unit *inside an anonymous namespace*, so every inclusion is a
+// separate internal-linkage copy compiled for that ISA (the loops over a
+// group's keys and over a head's channels are what the compiler vectorizes).
+// Include nothing here: the including file includes <cmath>, <cstdint> and
+// <cstring> first, and defines AttnVec<T>: a block of kAttnBlock values of T
+// in registers (V; zero(), load(p), store(p, v), fma(acc, a, p) = acc + a * p[0, 16),
+// max(acc, p)) -- intrinsics in the ISA units, plain arrays in the portable one.
+//
+// Layout: qkv rows are [q | k | v], each C = heads * d wide; group g is rows
+// offsets[g] .. offsets[g + 1] - 1.  Scores s_ij = scale * q_i . k_j; the
+// forward keeps lse_i = max_j s_ij + log sum_j exp(s_ij - max), and the
+// backward recomputes p_ij = exp(s_ij - lse_i) from it (no n x n storage).
+
+// exp(x) for a float array, x <= 0 (softmax arguments; clamped to [-87, 0]):
+// exp(x) = 2^i * 2^f with i = round(x / ln 2) and f in [-1/2, 1/2], 2^f by a
+// degree-6 polynomial (relative error ~1e-7, about one float ulp).  Branch-free
+// and without library calls, so the loop vectorizes.
+inline void exp_nonpositive(float* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    float v = x[j];
+    v = v < -87.0f ? -87.0f : (v > 0.0f ? 0.0f : v);
+    const float t = v * 1.44269504088896341f;
+    const float r = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+    const float f = t - r;
+    float p = 1.5337585279558578e-4f;
+    p = p * f + 1.3399869912931184e-3f;
+    p = p * f + 9.6185195903431840e-3f;
+    p = p * f + 5.5503289740006200e-2f;
+    p = p * f + 2.4022646607377607e-1f;
+    p = p * f + 6.9314720561125810e-1f;
+    p = p * f + 1.0f;
+    const int32_t bits = (static_cast<int32_t>(r) + 127) << 23;
+    float scale;
+    std::memcpy(&scale, &bits, sizeof(scale));
+    x[j] = p * scale;
+  }
+}
+
+inline void exp_nonpositive(double* x, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
+}
+
+constexpr int64_t kAttnBlock = 16;  // keys per register block (one AVX-512 vector, two AVX2 vectors)
+inline int64_t attn_pad(int64_t n) { return (n + kAttnBlock - 1) / kAttnBlock * kAttnBlock; }
+
+// Scratch elements the forward and backward need per thread for groups of at most max_n rows of C = heads * d
+// channels: the group's rows copied together (qkv; and grad_out / out in the backward), the results of the
+// group, a transposed head of keys (and values), a padded head of values, score rows.
+inline int64_t attn_forward_scratch(int64_t max_n, int64_t heads, int64_t d) {
+  const int64_t np = attn_pad(max_n), dp = attn_pad(d), c = heads * d;
+  return max_n * 3 * c + max_n * c + d * np + max_n * dp + 4 * (np + d + dp);
+}
+inline int64_t attn_backward_scratch(int64_t max_n, int64_t heads, int64_t d) {
+  const int64_t np = attn_pad(max_n), c = heads * d;
+  return max_n * 3 * c + 2 * max_n * c + max_n * 3 * c + 2 * d * np + 2 * np + 2 * d;
+}
+
+// Prefetches the rows of the next group (its rows are about to be copied): the rows of a group are scattered
+// over qkv, and without this each row's first touch is a cache miss that the hardware prefetchers cannot predict.
+template <typename T>
+inline void attn_prefetch_rows(const T* base, const int64_t* offsets, const int64_t* index, int64_t g, int64_t g_end,
+                               int64_t ld) {
+#if defined(__GNUC__) || defined(__clang__)
+  if (g + 1 >= g_end) return;
+  const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
+  for (int64_t r = offsets[g + 1]; r < offsets[g + 2]; ++r) {
+    const T* row = base + (index ? index[r] : r) * ld;
+    for (int64_t e = 0; e < ld; e += line) __builtin_prefetch(row + e, 0, 3);
+  }
+#else
+  (void)base, (void)offsets, (void)index, (void)g, (void)g_end, (void)ld;
+#endif
+}
+
+// dst[i * ld .. + ld) = src row rows[i], for i < n.
+template <typename T>
+inline void attn_copy_rows(const T* src, const int64_t* rows, int64_t n, int64_t ld, T* dst) {
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + i * ld, src + rows[i] * ld, sizeof(T) * ld);
+}
+
+// A score far below any real one: exp() of it minus the row maximum is (about) zero.
+template <typename T>
+constexpr T kAttnPadScore = T(-1e30);
+
+// s[0, np) = sum_k a[k] * kt[k * np + j] (kt: d rows of np keys, zero beyond the group's n), then
+// s[n, np) = kAttnPadScore.  Blocks of kAttnBlock keys stay in registers across k.
+template <typename T>
+inline void attn_scores(const T* a, const T* kt, int64_t n, int64_t np, int64_t d, T* s) {
+  using B = AttnVec<T>;
+  for (int64_t jb = 0; jb < np; jb += kAttnBlock) {
+    typename B::V acc = B::zero();
+    for (int64_t k = 0; k < d; ++k) acc = B::fma(acc, a[k], kt + k * np + jb);
+    B::store(s + jb, acc);
+  }
+  for (int64_t j = n; j < np; ++j) s[j] = kAttnPadScore<T>;
+}
+
+// kt[k * np + j] = columns col .. col + d - 1 of row j of the group's rows g (zero for j in [n, np)).
+template <typename T>
+inline void attn_transpose(const T* g, int64_t ld, int64_t col, int64_t n, int64_t np, int64_t d, T* kt) {
+  for (int64_t j = 0; j < n; ++j) {
+    const T* src = g + j * ld + col;
+    for (int64_t k = 0; k < d; ++k) kt[k * np + j] = src[k];
+  }
+  for (int64_t k = 0; k < d; ++k) {
+    for (int64_t j = n; j < np; ++j) kt[k * np + j] = T(0);
+  }
+}
+
+template <typename T>
+inline T attn_max(const T* s, int64_t np) {
+  using B = AttnVec<T>;
+  typename B::V acc = B::load(s);
+  for (int64_t jb = kAttnBlock; jb < np; jb += kAttnBlock) acc = B::max(acc, s + jb);
+  T m[kAttnBlock];
+  B::store(m, acc);
+  T r = m[0];
+  for (int64_t jj = 1; jj < kAttnBlock; ++jj) r = m[jj] > r ? m[jj] : r;
+  return r;
+}
+
+// Queries per register block of the forward: their score and output chains are independent, so the FMAs of
+// kAttnRows queries overlap (one query alone waits on each FMA's latency), and each key / value load is shared.
+constexpr int64_t kAttnRows = 4;
+
+// s[r * np + j] = sum_k qs[r * d + k] * kt[k * np + j] for the kAttnRows queries r (then the padding score
+// for j in [n, np)).
+template <typename T>
+inline void attn_scores_rows(const T* qs, const T* kt, int64_t n, int64_t np, int64_t d, T* s) {
+  using B = AttnVec<T>;
+  for (int64_t jb = 0; jb < np; jb += kAttnBlock) {
+    typename B::V a0 = B::zero(), a1 = B::zero(), a2 = B::zero(), a3 = B::zero();
+    for (int64_t k = 0; k < d; ++k) {
+      const T* row = kt + k * np + jb;
+      a0 = B::fma(a0, qs[k], row);
+      a1 = B::fma(a1, qs[d + k], row);
+      a2 = B::fma(a2, qs[2 * d + k], row);
+      a3 = B::fma(a3, qs[3 * d + k], row);
+    }
+    B::store(s + jb, a0);
+    B::store(s + np + jb, a1);
+    B::store(s + 2 * np + jb, a2);
+    B::store(s + 3 * np + jb, a3);
+  }
+  for (int64_t r = 0; r < kAttnRows; ++r) {
+    for (int64_t j = n; j < np; ++j) s[r * np + j] = kAttnPadScore<T>;
+  }
+}
+
+// o[r * dp + k] = sum_j p[r * np + j] * vp[j * dp + k] for the kAttnRows queries r (vp: [n, dp]).
+template <typename T>
+inline void attn_weighted_rows(const T* p, const T* vp, int64_t n, int64_t np, int64_t dp, T* o) {
+  using B = AttnVec<T>;
+  for (int64_t kb = 0; kb < dp; kb += kAttnBlock) {
+    typename B::V a0 = B::zero(), a1 = B::zero(), a2 = B::zero(), a3 = B::zero();
+    for (int64_t j = 0; j < n; ++j) {
+      const T* v = vp + j * dp + kb;
+      a0 = B::fma(a0, p[j], v);
+      a1 = B::fma(a1, p[np + j], v);
+      a2 = B::fma(a2, p[2 * np + j], v);
+      a3 = B::fma(a3, p[3 * np + j], v);
+    }
+    B::store(o + kb, a0);
+    B::store(o + dp + kb, a1);
+    B::store(o + 2 * dp + kb, a2);
+    B::store(o + 3 * dp + kb, a3);
+  }
+}
+
+// Groups [g_begin, g_end) (rows index[offsets[g]] .., or offsets[g] .. when index is null): out rows and lse
+// ([N, heads]) of their rows.  rows: scratch of max_n entries.
+template <typename T>
+void attn_forward_groups(const T* qkv, const int64_t* offsets, const int64_t* index, int64_t g_begin, int64_t g_end,
+                         int64_t heads, int64_t d, T scale, T* out, T* lse, T* scratch, int64_t* rows) {
+  const int64_t c = heads * d, ld = 3 * c, dp = attn_pad(d);
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t r0 = offsets[g], n = offsets[g + 1] - r0, np = attn_pad(n);
+    attn_prefetch_rows(qkv, offsets, index, g, g_end, ld);
+    if (n <= 0) continue;
+    for (int64_t i = 0; i < n; ++i) rows[i] = index ? index[r0 + i] : r0 + i;
+    T* grp = scratch;                // [n, 3C] the group's rows
+    T* res = grp + n * ld;           // [n, C] its outputs
+    T* kt = res + n * c;             // [d, np] keys of one head, transposed
+    T* vp = kt + d * np;             // [n, dp] values of one head, zero-padded to dp columns
+    T* s = vp + n * dp;              // [kAttnRows, np] scores, then probabilities
+    T* qs = s + kAttnRows * np;      // [kAttnRows, d] scaled queries
+    T* o = qs + kAttnRows * d;       // [kAttnRows, dp] weighted sums
+    attn_copy_rows(qkv, rows, n, ld, grp);
+    for (int64_t h = 0; h < heads; ++h) {
+      attn_transpose(grp, ld, c + h * d, n, np, d, kt);
+      for (int64_t j = 0; j < n; ++j) {
+        const T* v = grp + j * ld + 2 * c + h * d;
+        for (int64_t k = 0; k < d; ++k) vp[j * dp + k] = v[k];
+        for (int64_t k = d; k < dp; ++k) vp[j * dp + k] = T(0);
+      }
+      for (int64_t i0 = 0; i0 < n; i0 += kAttnRows) {
+        const int64_t m = n - i0 < kAttnRows ? n - i0 : kAttnRows;
+        for (int64_t r = 0; r < kAttnRows; ++r) {
+          const T* q = grp + (i0 + (r < m ? r : 0)) * ld + h * d;  // missing rows repeat the first (ignored)
+          for (int64_t k = 0; k < d; ++k) qs[r * d + k] = q[k] * scale;
+        }
+        attn_scores_rows(qs, kt, n, np, d, s);
+        T mx[kAttnRows], inv[kAttnRows];
+        for (int64_t r = 0; r < kAttnRows; ++r) {
+          T* sr = s + r * np;
+          mx[r] = attn_max(sr, np);
+          for (int64_t j = 0; j < np; ++j) sr[j] -= mx[r];
+          exp_nonpositive(sr, np);
+          T l = T(0);
+          for (int64_t j = 0; j < n; ++j) l += sr[j];
+          inv[r] = T(1) / l;
+          if (r < m) lse[rows[i0 + r] * heads + h] = mx[r] + std::log(l);
+        }
+        attn_weighted_rows(s, vp, n, np, dp, o);
+        for (int64_t r = 0; r < m; ++r) {
+          T* dst = res + (i0 + r) * c + h * d;
+          for (int64_t k = 0; k < d; ++k) dst[k] = o[r * dp + k] * inv[r];
+        }
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) std::memcpy(out + rows[i] * c, res + i * c, sizeof(T) * c);
+  }
+}
+
+// Groups [g_begin, g_end): their rows of grad_qkv (written, not accumulated).
+template <typename T>
+void attn_backward_groups(const T* grad_out, const T* qkv, const T* out, const T* lse, const int64_t* offsets,
+                          const int64_t* index, int64_t g_begin, int64_t g_end, int64_t heads, int64_t d, T scale,
+                          T* grad_qkv, T* scratch, int64_t* rows) {
+  const int64_t c = heads * d, ld = 3 * c;
+  for (int64_t g = g_begin; g < g_end; ++g) {
+    const int64_t r0 = offsets[g], n = offsets[g + 1] - r0, np = attn_pad(n);
+    attn_prefetch_rows(qkv, offsets, index, g, g_end, ld);
+    if (n <= 0) continue;
+    for (int64_t i = 0; i < n; ++i) rows[i] = index ? index[r0 + i] : r0 + i;
+    T* grp = scratch;          // [n, 3C] qkv rows
+    T* gog = grp + n * ld;     // [n, C] grad_out rows
+    T* og = gog + n * c;       // [n, C] out rows
+    T* res = og + n * c;       // [n, 3C] grad_qkv rows
+    T* kt = res + n * ld;      // [d, np]
+    T* vt = kt + d * np;       // [d, np]
+    T* p = vt + d * np;        // [np]
+    T* dp = p + np;            // [np]
+    T* qs = dp + np;           // [d]
+    T* dq = qs + d;            // [d]
+    attn_copy_rows(qkv, rows, n, ld, grp);
+    attn_copy_rows(grad_out, rows, n, c, gog);
+    attn_copy_rows(out, rows, n, c, og);
+    for (int64_t e = 0; e < n * ld; ++e) res[e] = T(0);
+    for (int64_t h = 0; h < heads; ++h) {
+      attn_transpose(grp, ld, c + h * d, n, np, d, kt);
+      attn_transpose(grp, ld, 2 * c + h * d, n, np, d, vt);
+      for (int64_t i = 0; i < n; ++i) {
+        const T* q = grp + i * ld + h * d;
+        const T* go = gog + i * c + h * d;
+        const T* o = og + i * c + h * d;
+        for (int64_t k = 0; k < d; ++k) qs[k] = q[k] * scale;
+        attn_scores(qs, kt, n, np, d, p);
+        const T li = lse[rows[i] * heads + h];
+        for (int64_t j = 0; j < np; ++j) p[j] -= li;
+        exp_nonpositive(p, np);
+        T di = T(0);
+        for (int64_t k = 0; k < d; ++k) di += go[k] * o[k];
+        attn_scores(go, vt, n, np, d, dp);  // dp_j = dO_i . v_j
+        for (int64_t j = 0; j < np; ++j) dp[j] = p[j] * (dp[j] - di) * scale;  // scale * dS_ij
+        for (int64_t k = 0; k < d; ++k) dq[k] = T(0);
+        for (int64_t j = 0; j < n; ++j) {
+          const T w = dp[j], pj = p[j];
+          const T* kj = grp + j * ld + c + h * d;
+          T* dkj = res + j * ld + c + h * d;
+          T* dvj = dkj + c;
+          for (int64_t k = 0; k < d; ++k) {
+            dq[k] += w * kj[k];
+            dkj[k] += w * q[k];
+            dvj[k] += pj * go[k];
+          }
+        }
+        T* gq = res + i * ld + h * d;
+        for (int64_t k = 0; k < d; ++k) gq[k] = dq[k];
+      }
+    }
+    for (int64_t i = 0; i < n; ++i) std::memcpy(grad_qkv + rows[i] * ld, res + i * ld, sizeof(T) * ld);
+  }
+}
