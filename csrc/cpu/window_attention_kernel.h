@@ -53,8 +53,8 @@ inline int64_t attn_forward_scratch(int64_t max_n, int64_t heads, int64_t d) {
   return max_n * 3 * c + max_n * c + d * np + max_n * dp + 4 * (np + d + dp);
 }
 inline int64_t attn_backward_scratch(int64_t max_n, int64_t heads, int64_t d) {
-  const int64_t np = attn_pad(max_n), c = heads * d;
-  return max_n * 3 * c + 2 * max_n * c + max_n * 3 * c + 2 * d * np + 2 * np + 2 * d;
+  const int64_t np = attn_pad(max_n), dp = attn_pad(d), c = heads * d;
+  return max_n * 3 * c + 2 * max_n * c + max_n * 3 * c + 2 * d * np + 5 * max_n * dp + 4 * (2 * np + 2 * d + dp);
 }
 
 // Prefetches the rows of the next group (its rows are about to be copied): the rows of a group are scattered
@@ -224,61 +224,101 @@ void attn_forward_groups(const T* qkv, const int64_t* offsets, const int64_t* in
   }
 }
 
-// Groups [g_begin, g_end): their rows of grad_qkv (written, not accumulated).
+// Groups [g_begin, g_end): their rows of grad_qkv (written, not accumulated).  Per head, kAttnRows queries at a
+// time: p = exp(s - lse) and dp = dO v^T from the transposed keys / values, dS = p (dp - dO . o) * scale, then
+// dq = dS k (the forward's weighted sum), dk_j += dS_ij q_i and dv_j += p_ij dO_i in registers over padded rows.
 template <typename T>
 void attn_backward_groups(const T* grad_out, const T* qkv, const T* out, const T* lse, const int64_t* offsets,
                           const int64_t* index, int64_t g_begin, int64_t g_end, int64_t heads, int64_t d, T scale,
                           T* grad_qkv, T* scratch, int64_t* rows) {
-  const int64_t c = heads * d, ld = 3 * c;
+  using B = AttnVec<T>;
+  const int64_t c = heads * d, ld = 3 * c, dp = attn_pad(d);
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t r0 = offsets[g], n = offsets[g + 1] - r0, np = attn_pad(n);
     attn_prefetch_rows(qkv, offsets, index, g, g_end, ld);
     if (n <= 0) continue;
     for (int64_t i = 0; i < n; ++i) rows[i] = index ? index[r0 + i] : r0 + i;
-    T* grp = scratch;          // [n, 3C] qkv rows
-    T* gog = grp + n * ld;     // [n, C] grad_out rows
-    T* og = gog + n * c;       // [n, C] out rows
-    T* res = og + n * c;       // [n, 3C] grad_qkv rows
-    T* kt = res + n * ld;      // [d, np]
-    T* vt = kt + d * np;       // [d, np]
-    T* p = vt + d * np;        // [np]
-    T* dp = p + np;            // [np]
-    T* qs = dp + np;           // [d]
-    T* dq = qs + d;            // [d]
+    T* grp = scratch;                 // [n, 3C] qkv rows
+    T* gog = grp + n * ld;            // [n, C] grad_out rows
+    T* og = gog + n * c;              // [n, C] out rows
+    T* res = og + n * c;              // [n, 3C] grad_qkv rows
+    T* kt = res + n * ld;             // [d, np] keys, transposed
+    T* vt = kt + d * np;              // [d, np] values, transposed
+    T* kp = vt + d * np;              // [n, dp] keys, padded
+    T* qp = kp + n * dp;              // [n, dp] queries, padded
+    T* gp = qp + n * dp;              // [n, dp] grad_out, padded
+    T* dk = gp + n * dp;              // [n, dp]
+    T* dv = dk + n * dp;              // [n, dp]
+    T* p = dv + n * dp;               // [kAttnRows, np]
+    T* ds = p + kAttnRows * np;       // [kAttnRows, np]
+    T* qs = ds + kAttnRows * np;      // [kAttnRows, d]
+    T* gs = qs + kAttnRows * d;       // [kAttnRows, d]
+    T* dq = gs + kAttnRows * d;       // [kAttnRows, dp]
     attn_copy_rows(qkv, rows, n, ld, grp);
     attn_copy_rows(grad_out, rows, n, c, gog);
     attn_copy_rows(out, rows, n, c, og);
-    for (int64_t e = 0; e < n * ld; ++e) res[e] = T(0);
     for (int64_t h = 0; h < heads; ++h) {
       attn_transpose(grp, ld, c + h * d, n, np, d, kt);
       attn_transpose(grp, ld, 2 * c + h * d, n, np, d, vt);
-      for (int64_t i = 0; i < n; ++i) {
-        const T* q = grp + i * ld + h * d;
-        const T* go = gog + i * c + h * d;
-        const T* o = og + i * c + h * d;
-        for (int64_t k = 0; k < d; ++k) qs[k] = q[k] * scale;
-        attn_scores(qs, kt, n, np, d, p);
-        const T li = lse[rows[i] * heads + h];
-        for (int64_t j = 0; j < np; ++j) p[j] -= li;
-        exp_nonpositive(p, np);
-        T di = T(0);
-        for (int64_t k = 0; k < d; ++k) di += go[k] * o[k];
-        attn_scores(go, vt, n, np, d, dp);  // dp_j = dO_i . v_j
-        for (int64_t j = 0; j < np; ++j) dp[j] = p[j] * (dp[j] - di) * scale;  // scale * dS_ij
-        for (int64_t k = 0; k < d; ++k) dq[k] = T(0);
-        for (int64_t j = 0; j < n; ++j) {
-          const T w = dp[j], pj = p[j];
-          const T* kj = grp + j * ld + c + h * d;
-          T* dkj = res + j * ld + c + h * d;
-          T* dvj = dkj + c;
+      for (int64_t j = 0; j < n; ++j) {
+        for (int64_t k = 0; k < dp; ++k) {
+          kp[j * dp + k] = k < d ? grp[j * ld + c + h * d + k] : T(0);
+          qp[j * dp + k] = k < d ? grp[j * ld + h * d + k] : T(0);
+          gp[j * dp + k] = k < d ? gog[j * c + h * d + k] : T(0);
+          dk[j * dp + k] = dv[j * dp + k] = T(0);
+        }
+      }
+      for (int64_t i0 = 0; i0 < n; i0 += kAttnRows) {
+        const int64_t m = n - i0 < kAttnRows ? n - i0 : kAttnRows;
+        T di[kAttnRows];
+        for (int64_t r = 0; r < kAttnRows; ++r) {
+          const int64_t i = i0 + (r < m ? r : 0);  // missing rows repeat the first (their results are ignored)
+          const T* q = grp + i * ld + h * d;
+          const T* go = gog + i * c + h * d;
+          const T* o = og + i * c + h * d;
+          di[r] = T(0);
           for (int64_t k = 0; k < d; ++k) {
-            dq[k] += w * kj[k];
-            dkj[k] += w * q[k];
-            dvj[k] += pj * go[k];
+            qs[r * d + k] = q[k] * scale;
+            gs[r * d + k] = go[k];
+            di[r] += go[k] * o[k];
           }
         }
-        T* gq = res + i * ld + h * d;
-        for (int64_t k = 0; k < d; ++k) gq[k] = dq[k];
+        attn_scores_rows(qs, kt, n, np, d, p);
+        attn_scores_rows(gs, vt, n, np, d, ds);  // dO_i . v_j
+        for (int64_t r = 0; r < kAttnRows; ++r) {
+          T* pr = p + r * np;
+          T* dr = ds + r * np;
+          const T li = lse[rows[i0 + (r < m ? r : 0)] * heads + h];
+          for (int64_t j = 0; j < np; ++j) pr[j] -= li;
+          exp_nonpositive(pr, np);
+          for (int64_t j = 0; j < np; ++j) dr[j] = pr[j] * (dr[j] - di[r]) * scale;
+          if (r >= m) {
+            for (int64_t j = 0; j < np; ++j) pr[j] = dr[j] = T(0);  // no contribution to dk, dv
+          }
+        }
+        attn_weighted_rows(ds, kp, n, np, dp, dq);
+        for (int64_t r = 0; r < m; ++r) {
+          T* gq = res + (i0 + r) * ld + h * d;
+          for (int64_t k = 0; k < d; ++k) gq[k] = dq[r * dp + k];
+        }
+        for (int64_t j = 0; j < n; ++j) {
+          for (int64_t kb = 0; kb < dp; kb += kAttnBlock) {
+            typename B::V ak = B::load(dk + j * dp + kb), av = B::load(dv + j * dp + kb);
+            for (int64_t r = 0; r < m; ++r) {
+              ak = B::fma(ak, ds[r * np + j], qp + (i0 + r) * dp + kb);
+              av = B::fma(av, p[r * np + j], gp + (i0 + r) * dp + kb);
+            }
+            B::store(dk + j * dp + kb, ak);
+            B::store(dv + j * dp + kb, av);
+          }
+        }
+      }
+      for (int64_t j = 0; j < n; ++j) {
+        T* gk = res + j * ld + c + h * d;
+        for (int64_t k = 0; k < d; ++k) {
+          gk[k] = dk[j * dp + k];
+          gk[c + k] = dv[j * dp + k];
+        }
       }
     }
     for (int64_t i = 0; i < n; ++i) std::memcpy(grad_qkv + rows[i] * ld, res + i * ld, sizeof(T) * ld);
