@@ -41,9 +41,10 @@ TORCH_LIBRARY(sparseconv, m) {
   m.def("avgpool_forward(Tensor feats, Tensor nbmap, bool count_inactive) -> Tensor");
   m.def("avgpool_backward(Tensor grad_out, Tensor nbmap, SymInt num_in, bool count_inactive) -> Tensor");
   m.def("sparse_rows_mm(Tensor a, Tensor b) -> Tensor");
-  m.def("window_attention(Tensor qkv, Tensor offsets, Tensor? index, int heads, float scale) -> (Tensor, Tensor)");
-  m.def("window_attention_backward(Tensor grad_out, Tensor qkv, Tensor out, Tensor lse, Tensor offsets, "
-        "Tensor? index, int heads, float scale) -> Tensor");
+  m.def("window_attention(Tensor x, Tensor weight, Tensor? bias, Tensor proj_weight, Tensor? proj_bias, "
+        "Tensor offsets, Tensor? index, int heads, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("window_attention_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? bias, Tensor out, Tensor lse, "
+        "Tensor offsets, Tensor? index, int heads, float scale) -> Tensor");
   m.def("voxelize(Tensor points, Tensor? batch, float[] voxel_size, float[] lower, int[] grid, int batch_size, "
         "int max_points, int max_voxels, str reduce, bool order_by_first) "
         "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");

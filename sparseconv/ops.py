@@ -297,29 +297,44 @@ torch.library.register_autograd(
 
 
 @torch.library.register_fake("sparseconv::window_attention")
-def _window_attention_fake(qkv, offsets, index, heads, scale):
-    torch._check(qkv.dim() == 2 and heads >= 1 and qkv.shape[1] % (3 * heads) == 0,
-                 lambda: "sparseconv.window_attention: qkv must be [N, 3 * C] with C divisible by heads")
-    return qkv.new_empty((qkv.shape[0], qkv.shape[1] // 3)), qkv.new_empty((qkv.shape[0], heads))
+def _window_attention_fake(x, weight, bias, proj_weight, proj_bias, offsets, index, heads, scale):
+    torch._check(x.dim() == 2 and weight.dim() == 2 and heads >= 1 and weight.shape[0] % (3 * heads) == 0,
+                 lambda: "sparseconv.window_attention: weight must be [3 * C, C_in] with C divisible by heads")
+    n = x.shape[0]
+    return x.new_empty((n, proj_weight.shape[0])), x.new_empty((n, weight.shape[0] // 3)), x.new_empty((n, heads))
 
 
 @torch.library.register_fake("sparseconv::window_attention_backward")
-def _window_attention_backward_fake(grad_out, qkv, out, lse, offsets, index, heads, scale):
-    return qkv.new_empty(qkv.shape)
+def _window_attention_backward_fake(grad_out, x, weight, bias, out, lse, offsets, index, heads, scale):
+    return x.new_empty((x.shape[0], weight.shape[0]))
 
 
 def _window_attention_setup(ctx, inputs, output):
-    qkv, offsets, index, heads, scale = inputs
-    out, lse = output
+    x, weight, bias, proj_weight, proj_bias, offsets, index, heads, scale = inputs
+    _, out, lse = output
     ctx.heads, ctx.scale = heads, scale
-    ctx.save_for_backward(qkv, offsets, index, out, lse)
+    ctx.has_bias, ctx.has_proj_bias = bias is not None, proj_bias is not None
+    ctx.save_for_backward(x, weight, bias, proj_weight, offsets, index, out, lse)
 
 
-def _window_attention_backward(ctx, grad_out, grad_lse):
-    # lse is an auxiliary output for the backward; its gradient is not propagated (it must be unused).
-    qkv, offsets, index, out, lse = ctx.saved_tensors
-    grad = _ops.window_attention_backward(grad_out.contiguous(), qkv, out, lse, offsets, index, ctx.heads, ctx.scale)
-    return grad, None, None, None, None
+def _window_attention_backward(ctx, grad_y, grad_out, grad_lse):
+    # out (the attended rows before the output projection) and lse are auxiliary outputs for the backward;
+    # a gradient reaching out directly is added, lse's is not propagated (it must be unused).
+    x, weight, bias, proj_weight, offsets, index, out, lse = ctx.saved_tensors
+    grad_att = grad_y @ proj_weight  # y = out @ proj_weight^T + proj_bias
+    if grad_out is not None:
+        grad_att = grad_att + grad_out
+    grad_pw = grad_y.t() @ out if ctx.needs_input_grad[3] else None
+    grad_pb = grad_y.sum(0) if ctx.has_proj_bias and ctx.needs_input_grad[4] else None
+    grad_x = grad_w = grad_b = None
+    if any(ctx.needs_input_grad[:3]):
+        grad_qkv = _ops.window_attention_backward(grad_att.contiguous(), x, weight, bias, out, lse, offsets, index,
+                                                  ctx.heads, ctx.scale)
+        # qkv = x @ weight^T + bias
+        grad_x = grad_qkv @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad_qkv.t() @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad_qkv.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+    return grad_x, grad_w, grad_b, grad_pw, grad_pb, None, None, None, None
 
 
 torch.library.register_autograd(
@@ -328,7 +343,7 @@ torch.library.register_autograd(
 
 
 def _window_attention_backward_setup(ctx, inputs, output):
-    ctx.heads, ctx.scale = inputs[6], inputs[7]
+    pass
 
 
 def _window_attention_double_backward(ctx, gg):
@@ -342,14 +357,8 @@ torch.library.register_autograd(
 )
 
 
-def _padded_window_attention(qkv: torch.Tensor, offsets: torch.Tensor, index, heads: int, scale: float):
-    """``window_attention`` by batched dense attention over groups padded to powers of two (with a key mask).
-
-    The CUDA kernel of the op (it runs batched matrix products on the GPU); any device, any floating dtype.
-    """
-    if index is not None:
-        out, lse = _padded_window_attention(qkv.index_select(0, index), offsets, None, heads, scale)
-        return (torch.empty_like(out).index_copy(0, index, out), torch.empty_like(lse).index_copy(0, index, lse))
+def _padded_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float):
+    """Attention within consecutive groups of ``qkv`` rows, batched over groups padded to powers of two (key mask)."""
     n, c = qkv.shape[0], qkv.shape[1] // 3
     d = c // heads
     out = qkv.new_zeros((n, c))
@@ -376,16 +385,34 @@ def _padded_window_attention(qkv: torch.Tensor, offsets: torch.Tensor, index, he
         scores = scores.masked_fill(~valid.view(g, 1, 1, p), float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [G, heads, P]
         o = torch.exp(scores - row_lse.unsqueeze(-1)) @ buf[2]
-        out[rows] = o.permute(0, 2, 1, 3).reshape(g * p, c).index_select(0, slot)
-        lse[rows] = row_lse.permute(0, 2, 1).reshape(g * p, heads).index_select(0, slot)
+        out = out.index_copy(0, rows, o.permute(0, 2, 1, 3).reshape(g * p, c).index_select(0, slot))
+        lse = lse.index_copy(0, rows, row_lse.permute(0, 2, 1).reshape(g * p, heads).index_select(0, slot))
     return out, lse
 
 
-def _padded_window_attention_backward(grad_out, qkv, out, lse, offsets, index, heads, scale):
+def _padded_window_attention(x, weight, bias, proj_weight, proj_bias, offsets, index, heads: int, scale: float):
+    """``window_attention`` by the projection, batched dense attention over groups padded to powers of two,
+    and the output projection.
+
+    The CUDA kernel of the op (batched products suit the GPU); it runs on any device and floating dtype.
+    """
+    qkv = torch.nn.functional.linear(x, weight, bias)
+    if index is None:
+        out, lse = _padded_attention(qkv, offsets, heads, scale)
+    else:
+        out, lse = _padded_attention(qkv.index_select(0, index), offsets, heads, scale)
+        out, lse = torch.empty_like(out).index_copy(0, index, out), torch.empty_like(lse).index_copy(0, index, lse)
+    return torch.nn.functional.linear(out, proj_weight, proj_bias), out, lse
+
+
+def _padded_window_attention_backward(grad_out, x, weight, bias, out, lse, offsets, index, heads, scale):
+    qkv = torch.nn.functional.linear(x, weight, bias).detach().requires_grad_(True)
     with torch.enable_grad():
-        x = qkv.detach().requires_grad_(True)
-        o, _ = _padded_window_attention(x, offsets, index, heads, scale)
-        (grad,) = torch.autograd.grad(o, x, grad_out)
+        sorted_qkv = qkv if index is None else qkv.index_select(0, index)
+        o, _ = _padded_attention(sorted_qkv, offsets, heads, scale)
+        if index is not None:
+            o = torch.empty_like(o).index_copy(0, index, o)
+        (grad,) = torch.autograd.grad(o, qkv, grad_out)
     return grad
 
 
@@ -476,26 +503,30 @@ def sparse_rows_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _ops.sparse_rows_mm(a, b)
 
 
-def window_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float,
-                     index: Optional[torch.Tensor] = None):
-    """Multi-head attention within groups of rows (``csrc/window_attention.h``).
+def window_attention(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], proj_weight: torch.Tensor,
+                     proj_bias: Optional[torch.Tensor], offsets: torch.Tensor, heads: int, scale: float,
+                     index: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Multi-head attention within groups of rows, qkv and output projections fused in (``csrc/window_attention.h``).
 
     Args:
-        qkv: ``[N, 3C]`` rows ``[q | k | v]`` (``C = heads * d``).
-        offsets: int64 ``[G + 1]``: group ``g`` is rows ``index[offsets[g]:offsets[g + 1]]`` of ``qkv``.
+        x: ``[N, C_in]`` features.
+        weight, bias: the qkv projection ``[3C, C_in]`` and ``[3C]`` (or ``None``), as ``nn.Linear``; the
+            projected rows are ``[q | k | v]`` with ``C = heads * d``.
+        proj_weight, proj_bias: the output projection ``[C_out, C]`` and ``[C_out]`` (or ``None``).
+        offsets: int64 ``[G + 1]``: group ``g`` is rows ``index[offsets[g]:offsets[g + 1]]``.
         heads: attention heads.
         scale: score scale (usually ``d ** -0.5``).
         index: int64 ``[N]`` permutation of the rows (``None``: the identity, groups of consecutive rows).
 
     Returns:
-        ``(out [N, C], lse [N, heads])`` (rows as in ``qkv``); differentiable in ``qkv`` (``lse`` is for
-        the backward only).
+        ``y [N, C_out]`` (rows as in ``x``), differentiable in the features and all four projection tensors.
 
     Example:
-        >>> qkv = torch.randn(7, 3 * 8)
-        >>> out, lse = window_attention(qkv, torch.tensor([0, 3, 7]), heads=2, scale=0.5)   # groups 0-2, 3-6
+        >>> x, w, pw = torch.randn(7, 5), torch.randn(3 * 8, 5), torch.randn(8, 8)
+        >>> y = window_attention(x, w, None, pw, None, torch.tensor([0, 3, 7]), heads=2, scale=0.5)  # rows 0-2, 3-6
     """
-    return _ops.window_attention(qkv, offsets, index, int(heads), float(scale))
+    y, _, _ = _ops.window_attention(x, weight, bias, proj_weight, proj_bias, offsets, index, int(heads), float(scale))
+    return y
 
 
 def voxelize(points, batch, voxel_size, lower, grid, batch_size: int, max_points: int = -1, max_voxels: int = -1,

@@ -79,23 +79,31 @@ def check_against_float64():
         a = torch.randn(n, k, generator=gen) * (torch.rand(n, k, generator=gen) < density)
         b = torch.randn(k, m, generator=gen)
         worst = max(worst, max_rel_err(ops.sparse_rows_mm(a, b), a.double() @ b.double()))
-    for qkv, offsets, heads in attention_cases():
-        out, lse = ops.window_attention(qkv, offsets, heads, 0.3)
-        out64, lse64 = ops.window_attention(qkv.double(), offsets, heads, 0.3)
-        grad = torch.randn(out.shape, generator=gen)
-        back = torch.ops.sparseconv.window_attention_backward(grad, qkv, out, lse, offsets, None, heads, 0.3)
-        back64 = torch.ops.sparseconv.window_attention_backward(grad.double(), qkv.double(), out64, lse64, offsets,
+    for x, w, bias, pw, pb, offsets, heads in attention_cases():
+        got = torch.ops.sparseconv.window_attention(x, w, bias, pw, pb, offsets, None, heads, 0.3)
+        args64 = tuple(t.double() for t in (x, w, bias, pw, pb))
+        exp = torch.ops.sparseconv.window_attention(*args64, offsets, None, heads, 0.3)
+        grad = torch.randn(got[1].shape, generator=gen)
+        back = torch.ops.sparseconv.window_attention_backward(grad, x, w, bias, got[1], got[2], offsets, None, heads,
+                                                              0.3)
+        back64 = torch.ops.sparseconv.window_attention_backward(grad.double(), *args64[:3], exp[1], exp[2], offsets,
                                                                 None, heads, 0.3)
-        worst = max(worst, max_rel_err(out, out64), max_rel_err(lse, lse64), max_rel_err(back, back64))
+        worst = max(worst, *(max_rel_err(a, e) for a, e in zip(got, exp)), max_rel_err(back, back64))
     return worst
 
 
 def attention_cases():
-    """(qkv, offsets, heads) for window_attention: group sizes 0 to 100, head widths 1, 5, 16 and 32."""
+    """(x, weight, bias, proj_weight, proj_bias, offsets, heads) for window_attention: groups of 0 to 100 rows,
+    head widths 1, 5, 16 and 32."""
     gen = torch.Generator().manual_seed(2)
-    for sizes, heads, d in [([1], 1, 1), ([3, 0, 17, 64, 1, 2], 4, 16), ([100, 33], 3, 5), ([8, 9, 16], 2, 32)]:
+    for sizes, heads, d, cin in [([1], 1, 1, 3), ([3, 0, 17, 64, 1, 2], 4, 16, 64), ([100, 33], 3, 5, 7),
+                                 ([8, 9, 16], 2, 32, 20)]:
         offsets = torch.tensor([0] + sizes).cumsum(0)
-        yield torch.randn(int(offsets[-1]), 3 * heads * d, generator=gen) * 2, offsets, heads
+        c = heads * d
+        x = torch.randn(int(offsets[-1]), cin, generator=gen)
+        w = torch.randn(3 * c, cin, generator=gen) / cin ** 0.5 * 2
+        pw = torch.randn(cin, c, generator=gen) / c ** 0.5
+        yield x, w, torch.randn(3 * c, generator=gen), pw, torch.randn(cin, generator=gen), offsets, heads
 
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
@@ -133,10 +141,10 @@ def test_float32_results_do_not_depend_on_the_thread_count():
                 res.append(ops.conv_forward(feats, weight, nbmap, m, False))
                 res.append(torch.ops.sparseconv.conv_input_grad(grad, weight, nbmap, n, False))
                 res.append(torch.ops.sparseconv.conv_weight_grad(feats, grad, nbmap, False))
-            for qkv, offsets, heads in attention_cases():
-                out, lse = ops.window_attention(qkv, offsets, heads, 0.3)
-                res += [out, lse, torch.ops.sparseconv.window_attention_backward(out, qkv, out, lse, offsets, None,
-                                                                                heads, 0.3)]
+            for x, w, bias, pw, pb, offsets, heads in attention_cases():
+                y, out, lse = torch.ops.sparseconv.window_attention(x, w, bias, pw, pb, offsets, None, heads, 0.3)
+                res += [y, out, lse, torch.ops.sparseconv.window_attention_backward(out, x, w, bias, out, lse,
+                                                                                   offsets, None, heads, 0.3)]
             outs[threads] = res
     finally:
         torch.set_num_threads(old)

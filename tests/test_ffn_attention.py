@@ -162,6 +162,16 @@ def test_window_attention_equals_per_window_reference(shift, topk, max_group, wi
     torch.testing.assert_close(y.features[-1:], attn.proj(v), rtol=0, atol=1e-12)
 
 
+def test_chunk_offsets_match_window_groups():
+    from sparseconv.nn.attention import _chunk_offsets, _window_runs, window_groups
+    _, coords = _attention_input(n=300, shape=(9, 8, 7))
+    for max_group in (1, 3, 7, 64):
+        order, _, _, sizes = window_groups(coords, (4, 4, 4), (2, 2, 2), max_group)
+        order2, counts = _window_runs(coords, (4, 4, 4), (2, 2, 2))
+        assert torch.equal(order, order2)
+        assert torch.equal(_chunk_offsets(counts, max_group), torch.cat([sizes.new_zeros(1), sizes.cumsum(0)]))
+
+
 def test_window_attention_splits_long_windows():
     coords = _sites(64, (4, 4, 4))  # every site of a 4^3 grid: one window of 64 voxels
     f = torch.randn(64, 8, dtype=torch.float64)
@@ -254,86 +264,114 @@ def test_transformer_block_shapes_and_sparse_tensor(activation, k, shift):
 
 
 # --------------------------------------------------------------------------- the window_attention op
-def _groups(sizes, heads, d, dtype=torch.float64, seed=0):
+def _groups(sizes, heads, d, cin=5, cout=3, dtype=torch.float64, seed=0):
+    """(x [N, cin], weight [3C, cin], bias [3C], proj_weight [cout, C], proj_bias [cout], offsets)."""
     g = torch.Generator().manual_seed(seed)
     offsets = torch.tensor([0] + list(sizes)).cumsum(0)
-    return torch.randn(int(offsets[-1]), 3 * heads * d, generator=g, dtype=dtype) * 2, offsets
+    n, c = int(offsets[-1]), heads * d
+    x = torch.randn(n, cin, generator=g, dtype=dtype)
+    weight = torch.randn(3 * c, cin, generator=g, dtype=dtype)
+    bias = torch.randn(3 * c, generator=g, dtype=dtype)
+    pw = torch.randn(cout, c, generator=g, dtype=dtype)
+    pb = torch.randn(cout, generator=g, dtype=dtype)
+    return x, weight, bias, pw, pb, offsets
+
+
+def _raw(x, w, b, pw, pb, offsets, heads, scale, index=None):
+    """The op's three outputs (y, out, lse)."""
+    return torch.ops.sparseconv.window_attention(x, w, b, pw, pb, offsets, index, heads, scale)
+
+
+def _expected(x, w, b, pw, pb, offsets, heads, scale, index=None):
+    out, lse = ref.window_attention_reference(torch.nn.functional.linear(x, w, b), offsets, heads, scale, index)
+    return torch.nn.functional.linear(out, pw, pb), out, lse
 
 
 @pytest.mark.parametrize("sizes,heads,d", [([5], 1, 3), ([1, 0, 7, 64, 2], 4, 16), ([30, 0, 0, 11], 3, 5)])
 def test_window_attention_op_equals_reference(sizes, heads, d):
-    qkv, offsets = _groups(sizes, heads, d)
-    out, lse = ops.window_attention(qkv, offsets, heads, 0.7)
-    exp_out, exp_lse = ref.window_attention_reference(qkv, offsets, heads, 0.7)
-    torch.testing.assert_close(out, exp_out, rtol=0, atol=1e-12)
-    torch.testing.assert_close(lse, exp_lse, rtol=0, atol=1e-12)
+    x, w, b, pw, pb, offsets = _groups(sizes, heads, d)
+    exp = _expected(x, w, b, pw, pb, offsets, heads, 0.7)
+    torch.testing.assert_close(_raw(x, w, b, pw, pb, offsets, heads, 0.7), exp, rtol=0, atol=1e-12)
+    torch.testing.assert_close(ops.window_attention(x, w, b, pw, pb, offsets, heads, 0.7), exp[0], rtol=0, atol=1e-12)
+    # without biases
+    torch.testing.assert_close(_raw(x, w, None, pw, None, offsets, heads, 0.7),
+                               _expected(x, w, None, pw, None, offsets, heads, 0.7), rtol=0, atol=1e-12)
     # through a permutation: group g is rows index[offsets[g]:offsets[g + 1]]
-    index = torch.randperm(qkv.shape[0], generator=torch.Generator().manual_seed(1))
-    out_p, lse_p = ops.window_attention(qkv, offsets, heads, 0.7, index)
-    torch.testing.assert_close(out_p[index], ops.window_attention(qkv[index], offsets, heads, 0.7)[0], rtol=0, atol=0)
-    torch.testing.assert_close((out_p, lse_p), ref.window_attention_reference(qkv, offsets, heads, 0.7, index),
-                               rtol=0, atol=1e-12)
-    # float32: the vectorized kernel (polynomial exp) within float32 rounding of the float64 result
-    out32, lse32 = ops.window_attention(qkv.float(), offsets, heads, 0.7)
-    torch.testing.assert_close(out32.double(), exp_out, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(lse32.double(), exp_lse, rtol=1e-5, atol=1e-5)
+    index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))
+    got = _raw(x, w, b, pw, pb, offsets, heads, 0.7, index)
+    torch.testing.assert_close(got[0][index], _raw(x[index], w, b, pw, pb, offsets, heads, 0.7)[0], rtol=0, atol=0)
+    torch.testing.assert_close(got, _expected(x, w, b, pw, pb, offsets, heads, 0.7, index), rtol=0, atol=1e-12)
+    # float32: the vectorized kernel (gemm_rows projections, polynomial exp) within float32 rounding
+    got32 = _raw(*(t.float() for t in (x, w, b, pw, pb)), offsets, heads, 0.7)
+    for a, e in zip(got32, exp):
+        torch.testing.assert_close(a.double(), e, rtol=1e-5, atol=1e-4)
 
 
 def test_window_attention_op_gradcheck_and_float32_backward():
-    qkv, offsets = _groups([3, 1, 0, 4], 2, 3)
-    qkv.requires_grad_(True)
+    x, w, b, pw, pb, offsets = _groups([3, 1, 0, 4], 2, 3, cin=4)
     index = torch.tensor([5, 0, 7, 2, 1, 6, 3, 4])
-    assert torch.autograd.gradcheck(lambda x: ops.window_attention(x, offsets, 2, 0.5)[0], (qkv,))
-    assert torch.autograd.gradcheck(lambda x: ops.window_attention(x, offsets, 2, 0.5, index)[0], (qkv,))
+    args = tuple(t.clone().requires_grad_(True) for t in (x, w, b, pw, pb))
+    assert torch.autograd.gradcheck(lambda *a: ops.window_attention(*a, offsets, 2, 0.5), args)
+    assert torch.autograd.gradcheck(lambda *a: ops.window_attention(*a, offsets, 2, 0.5, index), args)
+    assert torch.autograd.gradcheck(lambda x, w, pw: ops.window_attention(x, w, None, pw, None, offsets, 2, 0.5),
+                                    (args[0], args[1], args[3]))
+    # a gradient reaching the attended rows (second output) directly is added to the projection's
+    assert torch.autograd.gradcheck(lambda *a: _raw(*a, offsets, 2, 0.5)[1], args)
     # float32 backward against autograd through the float64 reference
-    q64 = qkv.detach().clone().requires_grad_(True)
-    grad = torch.randn(q64.shape[0], 6, dtype=torch.float64)
-    (ref.window_attention_reference(q64, offsets, 2, 0.5)[0] * grad).sum().backward()
-    q32 = qkv.detach().float().requires_grad_(True)
-    (ops.window_attention(q32, offsets, 2, 0.5)[0] * grad.float()).sum().backward()
-    torch.testing.assert_close(q32.grad.double(), q64.grad, rtol=1e-5, atol=1e-5)
+    grad = torch.randn(x.shape[0], 3, dtype=torch.float64)
+    r64 = tuple(t.clone().requires_grad_(True) for t in (x, w, b, pw, pb))
+    (_expected(*r64, offsets, 2, 0.5, index)[0] * grad).sum().backward()
+    r32 = tuple(t.float().requires_grad_(True) for t in (x, w, b, pw, pb))
+    (ops.window_attention(*r32, offsets, 2, 0.5, index) * grad.float()).sum().backward()
+    for a, e in zip(r32, r64):
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-4, atol=1e-4)
 
 
 def test_window_attention_padded_path_equals_reference():
     # The CUDA kernel of the op is the padded batched path; it runs on any device, so check it here.
-    qkv, offsets = _groups([1, 0, 7, 64, 2, 33], 4, 4)
-    index = torch.randperm(qkv.shape[0], generator=torch.Generator().manual_seed(3))
+    x, w, b, pw, pb, offsets = _groups([1, 0, 7, 64, 2, 33], 4, 4)
+    index = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(3))
     for idx in (None, index):
-        got = ops._padded_window_attention(qkv, offsets, idx, 4, 0.5)
-        exp = ref.window_attention_reference(qkv, offsets, 4, 0.5, idx)
-        for a, b in zip(got, exp):
-            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-        grad = torch.randn(qkv.shape[0], 16, dtype=torch.float64)
-        out, lse = exp
+        exp = _expected(x, w, b, pw, pb, offsets, 4, 0.5, idx)
+        torch.testing.assert_close(ops._padded_window_attention(x, w, b, pw, pb, offsets, idx, 4, 0.5), exp,
+                                   rtol=0, atol=1e-12)
+        grad = torch.randn(x.shape[0], 16, dtype=torch.float64)
+        _, out, lse = exp
         torch.testing.assert_close(
-            ops._padded_window_attention_backward(grad, qkv, out, lse, offsets, idx, 4, 0.5),
-            torch.ops.sparseconv.window_attention_backward(grad, qkv, out, lse, offsets, idx, 4, 0.5),
+            ops._padded_window_attention_backward(grad, x, w, b, out, lse, offsets, idx, 4, 0.5),
+            torch.ops.sparseconv.window_attention_backward(grad, x, w, b, out, lse, offsets, idx, 4, 0.5),
             rtol=0, atol=1e-12)
 
 
 def test_window_attention_op_nan_stays_in_its_group():
-    qkv, offsets = _groups([3, 4], 1, 4, dtype=torch.float32)
-    qkv[0, 0] = float("nan")
-    out, _ = ops.window_attention(qkv, offsets, 1, 0.5)
-    assert torch.isnan(out[:3]).any() and torch.isfinite(out[3:]).all()
+    x, w, b, pw, pb, offsets = _groups([3, 4], 1, 4, dtype=torch.float32)
+    x[0, 0] = float("nan")
+    y = ops.window_attention(x, w, b, pw, pb, offsets, 1, 0.5)
+    assert torch.isnan(y[:3]).any() and torch.isfinite(y[3:]).all()
 
 
 def test_window_attention_op_errors():
-    qkv, offsets = _groups([3, 4], 2, 4)
+    x, w, b, pw, pb, offsets = _groups([3, 4], 2, 4)
     with pytest.raises(ValueError, match="offsets must start at 0 and end at N"):
-        ops.window_attention(qkv, torch.tensor([0, 3, 6]), 2, 1.0)
+        ops.window_attention(x, w, b, pw, pb, torch.tensor([0, 3, 6]), 2, 1.0)
     with pytest.raises(ValueError, match="non-decreasing"):
-        ops.window_attention(qkv, torch.tensor([0, 5, 3, 7]), 2, 1.0)
+        ops.window_attention(x, w, b, pw, pb, torch.tensor([0, 5, 3, 7]), 2, 1.0)
     with pytest.raises(ValueError, match="int64"):
-        ops.window_attention(qkv, offsets.int(), 2, 1.0)
+        ops.window_attention(x, w, b, pw, pb, offsets.int(), 2, 1.0)
     with pytest.raises(ValueError, match="divisible by heads"):
-        ops.window_attention(qkv, offsets, 5, 1.0)
+        ops.window_attention(x, w, b, pw, pb, offsets, 5, 1.0)
+    with pytest.raises(ValueError, match="weight must be"):
+        ops.window_attention(x, w[:, :3], b, pw, pb, offsets, 2, 1.0)
+    with pytest.raises(ValueError, match="bias must be"):
+        ops.window_attention(x, w, b[:5], pw, pb, offsets, 2, 1.0)
+    with pytest.raises(ValueError, match="proj_weight must be"):
+        ops.window_attention(x, w, b, pw[:, :3], pb, offsets, 2, 1.0)
     with pytest.raises(TypeError, match="float32 and float64"):
-        ops.window_attention(qkv.half(), offsets, 2, 1.0)
-    out, lse = ops.window_attention(qkv, offsets, 2, 1.0)
+        ops.window_attention(*(t.half() for t in (x, w, b, pw, pb)), offsets, 2, 1.0)
+    _, out, lse = _raw(x, w, b, pw, pb, offsets, 2, 1.0)
     with pytest.raises(ValueError, match="lse must be"):
-        torch.ops.sparseconv.window_attention_backward(out, qkv, out, lse[:, :1], offsets, None, 2, 1.0)
+        torch.ops.sparseconv.window_attention_backward(out, x, w, b, out, lse[:, :1], offsets, None, 2, 1.0)
     with pytest.raises(ValueError, match="repeats a row"):
-        ops.window_attention(qkv, offsets, 2, 1.0, torch.tensor([0, 1, 2, 3, 4, 5, 5]))
+        ops.window_attention(x, w, b, pw, pb, offsets, 2, 1.0, torch.tensor([0, 1, 2, 3, 4, 5, 5]))
     with pytest.raises(ValueError, match="out of range"):
-        ops.window_attention(qkv, offsets, 2, 1.0, torch.tensor([0, 1, 2, 3, 4, 5, 7]))
+        ops.window_attention(x, w, b, pw, pb, offsets, 2, 1.0, torch.tensor([0, 1, 2, 3, 4, 5, 7]))

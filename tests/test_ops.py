@@ -489,9 +489,10 @@ def _opcheck_samples():
 
     _, argmax = ops.maxpool_forward(rand(n, 3), strided)
     att_off = torch.tensor([0, 4, 4, 5, 9])
-    att_qkv = rand(9, 12)
+    att_x, att_w, att_b = rand(9, 5), rand(12, 5), rand(12)
     att_idx = torch.randperm(9, generator=gen)
-    att_out, att_lse = ops.window_attention(att_qkv, att_off, 2, 0.4, att_idx)
+    _, att_out, att_lse = torch.ops.sparseconv.window_attention(att_x, att_w, att_b, rand(3, 4), None, att_off, att_idx,
+                                                                2, 0.4)
     return {
         "hash_build": [(coords, grid), (coords[:0], grid)],
         "hash_query": [(keys, values, random_coords(gen, 2, (5, 4, 6), 40), grid)],
@@ -512,10 +513,13 @@ def _opcheck_samples():
         "avgpool_backward": [(rand(m, 3, grad=True), strided, n, False), (rand(m, 3, grad=True), strided, n, True)],
         "sparse_rows_mm": [(torch.relu(rand(20, 7)).requires_grad_(), rand(7, 5, grad=True)),
                            (rand(0, 3, grad=True), rand(3, 4, grad=True))],
-        "window_attention": [(rand(9, 12, grad=True), att_off, None, 2, 0.4),
-                             (rand(9, 12, grad=True), att_off, att_idx, 2, 0.4),
-                             (rand(0, 6, grad=True), att_off[:1], None, 1, 1.0)],
-        "window_attention_backward": [(rand(9, 4), att_qkv, att_out, att_lse, att_off, att_idx, 2, 0.4)],
+        "window_attention": [(rand(9, 5, grad=True), rand(12, 5, grad=True), rand(12, grad=True), rand(3, 4, grad=True),
+                              rand(3, grad=True), att_off, None, 2, 0.4),
+                             (rand(9, 5, grad=True), rand(12, 5, grad=True), None, rand(4, 4, grad=True), None, att_off,
+                              att_idx, 2, 0.4),
+                             (rand(0, 3, grad=True), rand(6, 3, grad=True), None, rand(2, 2, grad=True), None,
+                              att_off[:1], None, 1, 1.0)],
+        "window_attention_backward": [(rand(9, 4), att_x, att_w, att_b, att_out, att_lse, att_off, att_idx, 2, 0.4)],
         "voxelize": [(rand(60, 4) * 3, None, [0.5, 0.5, 0.5], [-3.0, -3.0, -3.0], [12, 12, 12], 1, -1, -1, "mean", False),
                      (rand(60, 5) * 3, torch.randint(0, 2, (60,), generator=gen), [1.0, 0.5, 2.0], [-3.0, -3.0, -3.0],
                       [6, 12, 3], 2, 2, 20, "pad", True)],

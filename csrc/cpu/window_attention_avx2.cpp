@@ -48,17 +48,14 @@ struct AttnVec<float> {
 #include "window_attention_kernel.h"
 }  // namespace
 
-void attn_forward_avx2(const float* qkv, const int64_t* offsets, const int64_t* index, int64_t g_begin,
-                       int64_t g_end, int64_t heads, int64_t d, float scale, float* out, float* lse, float* scratch,
-                       int64_t* rows) {
-  attn_forward_groups<float>(qkv, offsets, index, g_begin, g_end, heads, d, scale, out, lse, scratch, rows);
+void attn_forward_avx2(const AttnProblem<float>& pb, int64_t g_begin, int64_t g_end, float* y, float* out,
+                       float* lse, const AttnScratch<float>& sc) {
+  attn_forward_groups<float>(pb, g_begin, g_end, y, out, lse, sc);
 }
 
-void attn_backward_avx2(const float* grad_out, const float* qkv, const float* out, const float* lse,
-                        const int64_t* offsets, const int64_t* index, int64_t g_begin, int64_t g_end, int64_t heads,
-                        int64_t d, float scale, float* grad_qkv, float* scratch, int64_t* rows) {
-  attn_backward_groups<float>(grad_out, qkv, out, lse, offsets, index, g_begin, g_end, heads, d, scale, grad_qkv,
-                              scratch, rows);
+void attn_backward_avx2(const AttnProblem<float>& pb, const float* grad_out, const float* out, const float* lse,
+                        int64_t g_begin, int64_t g_end, float* grad_qkv, const AttnScratch<float>& sc) {
+  attn_backward_groups<float>(pb, grad_out, out, lse, g_begin, g_end, grad_qkv, sc);
 }
 
 }  // namespace cpu

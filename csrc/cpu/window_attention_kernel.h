@@ -8,10 +8,12 @@
 // in registers (V; zero(), load(p), store(p, v), fma(acc, a, p) = acc + a * p[0, 16),
 // max(acc, p)) -- intrinsics in the ISA units, plain arrays in the portable one.
 //
-// Layout: qkv rows are [q | k | v], each C = heads * d wide; group g is rows
-// offsets[g] .. offsets[g + 1] - 1.  Scores s_ij = scale * q_i . k_j; the
-// forward keeps lse_i = max_j s_ij + log sum_j exp(s_ij - max), and the
-// backward recomputes p_ij = exp(s_ij - lse_i) from it (no n x n storage).
+// Each group's qkv rows are projected in the kernel: the group's rows of x
+// (read through row pointers, no gather copy) times W^T (+ bias) into a small
+// buffer that stays in cache -- no [N, 3C] tensor.  qkv rows are [q | k | v],
+// each C = heads * d wide.  Scores s_ij = scale * q_i . k_j; the forward keeps
+// lse_i = max_j s_ij + log sum_j exp(s_ij - max), and the backward recomputes
+// p_ij = exp(s_ij - lse_i) from it (no n x n storage).
 
 // exp(x) for a float array, x <= 0 (softmax arguments; clamped to [-87, 0]):
 // exp(x) = 2^i * 2^f with i = round(x / ln 2) and f in [-1/2, 1/2], 2^f by a
@@ -61,7 +63,7 @@ inline int64_t attn_backward_scratch(int64_t max_n, int64_t heads, int64_t d) {
 // over qkv, and without this each row's first touch is a cache miss that the hardware prefetchers cannot predict.
 template <typename T>
 inline void attn_prefetch_rows(const T* base, const int64_t* offsets, const int64_t* index, int64_t g, int64_t g_end,
-                               int64_t ld) {
+                               int64_t ld) {  // rows of ld elements
 #if defined(__GNUC__) || defined(__clang__)
   if (g + 1 >= g_end) return;
   const int64_t line = 64 / static_cast<int64_t>(sizeof(T));
@@ -72,6 +74,38 @@ inline void attn_prefetch_rows(const T* base, const int64_t* offsets, const int6
 #else
   (void)base, (void)offsets, (void)index, (void)g, (void)g_end, (void)ld;
 #endif
+}
+
+// c_rows[r][0, n) += a_rows[r][0, k) @ b for r < m (b row-major, leading dimension ldb): the portable
+// projection (float64; float32 uses the convolution's gemm_rows micro-kernel, which has this contract).
+template <typename T>
+void attn_project_generic(int64_t m, int64_t n, int64_t k, const T* const* a_rows, const T* b, int64_t ldb,
+                          T* const* c_rows) {
+  for (int64_t r = 0; r < m; ++r) {
+    T* c = c_rows[r];
+    for (int64_t p = 0; p < k; ++p) {
+      const T a = a_rows[r][p];
+      const T* bp = b + p * ldb;
+      for (int64_t j = 0; j < n; ++j) c[j] += a * bp[j];
+    }
+  }
+}
+
+// grp[i * 3C ..] = bias + x[rows[i]] @ wt for the group's n rows (wt = W^T, [cin, 3C]).
+template <typename T>
+inline void attn_project_group(const AttnProblem<T>& pb, const int64_t* rows, int64_t n, T* grp,
+                               const AttnScratch<T>& sc) {
+  const int64_t ld = 3 * pb.heads * pb.d;
+  for (int64_t i = 0; i < n; ++i) {
+    sc.a_rows[i] = pb.x + rows[i] * pb.cin;
+    sc.c_rows[i] = grp + i * ld;
+    if (pb.bias) {
+      std::memcpy(grp + i * ld, pb.bias, sizeof(T) * ld);
+    } else {
+      std::memset(grp + i * ld, 0, sizeof(T) * ld);
+    }
+  }
+  pb.proj(n, ld, pb.cin, sc.a_rows, pb.wt, ld, sc.c_rows);
 }
 
 // dst[i * ld .. + ld) = src row rows[i], for i < n.
@@ -169,25 +203,29 @@ inline void attn_weighted_rows(const T* p, const T* vp, int64_t n, int64_t np, i
   }
 }
 
-// Groups [g_begin, g_end) (rows index[offsets[g]] .., or offsets[g] .. when index is null): out rows and lse
-// ([N, heads]) of their rows.  rows: scratch of max_n entries.
+// Groups [g_begin, g_end) (rows index[offsets[g]] .., or offsets[g] .. when index is null): y, out (the attended
+// rows before the output projection) and lse ([N, heads]) of their rows.  rows: scratch of max_n entries.
 template <typename T>
-void attn_forward_groups(const T* qkv, const int64_t* offsets, const int64_t* index, int64_t g_begin, int64_t g_end,
-                         int64_t heads, int64_t d, T scale, T* out, T* lse, T* scratch, int64_t* rows) {
-  const int64_t c = heads * d, ld = 3 * c, dp = attn_pad(d);
+void attn_forward_groups(const AttnProblem<T>& pb, int64_t g_begin, int64_t g_end, T* y, T* out, T* lse,
+                         const AttnScratch<T>& sc) {
+  const int64_t heads = pb.heads, d = pb.d, c = heads * d, ld = 3 * c, dp = attn_pad(d);
+  const int64_t* offsets = pb.offsets;
+  const int64_t* index = pb.index;
+  const T scale = pb.scale;
+  int64_t* rows = sc.rows;
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t r0 = offsets[g], n = offsets[g + 1] - r0, np = attn_pad(n);
-    attn_prefetch_rows(qkv, offsets, index, g, g_end, ld);
+    attn_prefetch_rows(pb.x, offsets, index, g, g_end, pb.cin);
     if (n <= 0) continue;
     for (int64_t i = 0; i < n; ++i) rows[i] = index ? index[r0 + i] : r0 + i;
-    T* grp = scratch;                // [n, 3C] the group's rows
+    T* grp = sc.values;                // [n, 3C] the group's rows
     T* res = grp + n * ld;           // [n, C] its outputs
     T* kt = res + n * c;             // [d, np] keys of one head, transposed
     T* vp = kt + d * np;             // [n, dp] values of one head, zero-padded to dp columns
     T* s = vp + n * dp;              // [kAttnRows, np] scores, then probabilities
     T* qs = s + kAttnRows * np;      // [kAttnRows, d] scaled queries
     T* o = qs + kAttnRows * d;       // [kAttnRows, dp] weighted sums
-    attn_copy_rows(qkv, rows, n, ld, grp);
+    attn_project_group(pb, rows, n, grp, sc);
     for (int64_t h = 0; h < heads; ++h) {
       attn_transpose(grp, ld, c + h * d, n, np, d, kt);
       for (int64_t j = 0; j < n; ++j) {
@@ -221,6 +259,17 @@ void attn_forward_groups(const T* qkv, const int64_t* offsets, const int64_t* in
       }
     }
     for (int64_t i = 0; i < n; ++i) std::memcpy(out + rows[i] * c, res + i * c, sizeof(T) * c);
+    // y rows = attended rows @ pwt + pbias, written in place (rows are distinct)
+    for (int64_t i = 0; i < n; ++i) {
+      sc.a_rows[i] = res + i * c;
+      sc.c_rows[i] = y + rows[i] * pb.cout;
+      if (pb.pbias) {
+        std::memcpy(sc.c_rows[i], pb.pbias, sizeof(T) * pb.cout);
+      } else {
+        std::memset(sc.c_rows[i], 0, sizeof(T) * pb.cout);
+      }
+    }
+    pb.proj(n, pb.cout, c, sc.a_rows, pb.pwt, pb.cout, sc.c_rows);
   }
 }
 
@@ -228,17 +277,20 @@ void attn_forward_groups(const T* qkv, const int64_t* offsets, const int64_t* in
 // time: p = exp(s - lse) and dp = dO v^T from the transposed keys / values, dS = p (dp - dO . o) * scale, then
 // dq = dS k (the forward's weighted sum), dk_j += dS_ij q_i and dv_j += p_ij dO_i in registers over padded rows.
 template <typename T>
-void attn_backward_groups(const T* grad_out, const T* qkv, const T* out, const T* lse, const int64_t* offsets,
-                          const int64_t* index, int64_t g_begin, int64_t g_end, int64_t heads, int64_t d, T scale,
-                          T* grad_qkv, T* scratch, int64_t* rows) {
+void attn_backward_groups(const AttnProblem<T>& pb, const T* grad_out, const T* out, const T* lse, int64_t g_begin,
+                          int64_t g_end, T* grad_qkv, const AttnScratch<T>& sc) {
   using B = AttnVec<T>;
-  const int64_t c = heads * d, ld = 3 * c, dp = attn_pad(d);
+  const int64_t heads = pb.heads, d = pb.d, c = heads * d, ld = 3 * c, dp = attn_pad(d);
+  const int64_t* offsets = pb.offsets;
+  const int64_t* index = pb.index;
+  const T scale = pb.scale;
+  int64_t* rows = sc.rows;
   for (int64_t g = g_begin; g < g_end; ++g) {
     const int64_t r0 = offsets[g], n = offsets[g + 1] - r0, np = attn_pad(n);
-    attn_prefetch_rows(qkv, offsets, index, g, g_end, ld);
+    attn_prefetch_rows(pb.x, offsets, index, g, g_end, pb.cin);
     if (n <= 0) continue;
     for (int64_t i = 0; i < n; ++i) rows[i] = index ? index[r0 + i] : r0 + i;
-    T* grp = scratch;                 // [n, 3C] qkv rows
+    T* grp = sc.values;                // [n, 3C] qkv rows
     T* gog = grp + n * ld;            // [n, C] grad_out rows
     T* og = gog + n * c;              // [n, C] out rows
     T* res = og + n * c;              // [n, 3C] grad_qkv rows
@@ -254,7 +306,7 @@ void attn_backward_groups(const T* grad_out, const T* qkv, const T* out, const T
     T* qs = ds + kAttnRows * np;      // [kAttnRows, d]
     T* gs = qs + kAttnRows * d;       // [kAttnRows, d]
     T* dq = gs + kAttnRows * d;       // [kAttnRows, dp]
-    attn_copy_rows(qkv, rows, n, ld, grp);
+    attn_project_group(pb, rows, n, grp, sc);
     attn_copy_rows(grad_out, rows, n, c, gog);
     attn_copy_rows(out, rows, n, c, og);
     for (int64_t h = 0; h < heads; ++h) {

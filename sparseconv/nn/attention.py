@@ -57,14 +57,7 @@ def window_groups(coords: torch.Tensor, window: Tuple[int, int, int], shift: Tup
         ``pos`` ``[N]`` the chunk and slot of ``order[i]``; ``sizes`` ``[num_chunks]`` voxels per chunk.
     """
     n, device = coords.shape[0], coords.device
-    c = coords.long()
-    w = torch.tensor(window, device=device)
-    s = torch.tensor(shift, device=device)
-    wid = (c[:, 1:] + s) // w
-    dims = wid.max(0).values + 1
-    key = ((c[:, 0] * dims[0] + wid[:, 0]) * dims[1] + wid[:, 1]) * dims[2] + wid[:, 2]
-    key_sorted, order = torch.sort(key, stable=True)
-    _, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+    order, counts = _window_runs(coords, window, shift)
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(n, device=device) - starts.repeat_interleave(counts)
     chunks_per_window = (counts + max_group - 1) // max_group
@@ -75,17 +68,45 @@ def window_groups(coords: torch.Tensor, window: Tuple[int, int, int], shift: Tup
     return order, chunk, pos, sizes
 
 
+def _window_runs(coords: torch.Tensor, window, shift):
+    """``(order, counts)``: voxels sorted stably by ``(batch, window)``, and the voxels of each window in that order."""
+    c = coords.long()
+    w = torch.tensor(window, device=coords.device)
+    s = torch.tensor(shift, device=coords.device)
+    wid = (c[:, 1:] + s) // w
+    dims = wid.max(0).values + 1
+    key = ((c[:, 0] * dims[0] + wid[:, 0]) * dims[1] + wid[:, 1]) * dims[2] + wid[:, 2]
+    key_sorted, order = torch.sort(key, stable=True)
+    _, counts = torch.unique_consecutive(key_sorted, return_counts=True)
+    return order, counts
+
+
+def _chunk_offsets(counts: torch.Tensor, max_group: int) -> torch.Tensor:
+    """Row offsets ``[G + 1]`` of the chunks (at most ``max_group`` rows, consecutive) of windows of ``counts`` rows."""
+    chunks_per_window = (counts + max_group - 1) // max_group
+    window_start = torch.cumsum(counts, 0) - counts
+    first_chunk = torch.cumsum(chunks_per_window, 0) - chunks_per_window
+    total = int(chunks_per_window.sum())
+    # chunk j of window w starts at window_start[w] + (j - first_chunk[w]) * max_group
+    owner = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), chunks_per_window,
+                                    output_size=total)
+    starts = window_start.index_select(0, owner) + (torch.arange(total, device=counts.device)
+                                                    - first_chunk.index_select(0, owner)) * max_group
+    return torch.cat([starts, counts.sum().reshape(1)])
+
+
 class SparseWindowAttention(SparseModule):
     """Multi-head self-attention among the active voxels of each local 3D window.
 
     Voxels are grouped by ``(batch element, window)``; a window holding more than ``max_group`` active voxels
     is cut into chunks of at most ``max_group`` (consecutive in input order), and attention is *within each
     chunk* (a voxel never attends outside its chunk), so the cost is ``O(N * max_group)``, never ``O(N^2)``.
-    The chunks' rows are made contiguous (one sort) and attended by :func:`sparseconv.ops.window_attention`
-    without padding: on the CPU a fused kernel (scores, softmax and the weighted sum per row, vectorized;
-    the backward recomputes the softmax from the saved log-sum-exp), on CUDA batched products over chunks
-    padded to powers of two with a key mask.  With ``topk`` the scores are computed explicitly over padded
-    chunks (the ``topk`` largest per query are kept).
+    One sort orders the voxels by chunk, and :func:`sparseconv.ops.window_attention` does the rest: on the
+    CPU a fused kernel that, chunk by chunk, projects the chunk's voxels to q, k, v, attends (scores,
+    softmax and the weighted sum, vectorized, no padding) and applies the output projection -- no
+    ``[N, 3C]`` tensor; the backward recomputes the softmax from the saved log-sum-exp.  On CUDA: batched
+    products over chunks padded to powers of two with a key mask.  With ``topk`` the scores are computed
+    explicitly over padded chunks (the ``topk`` largest per query are kept).
 
     Args:
         channels: channels ``C`` (input and output).
@@ -168,19 +189,19 @@ class SparseWindowAttention(SparseModule):
         if f.shape[1] != self.channels:
             raise ValueError(f"SparseWindowAttention expects {self.channels} channels, got {f.shape[1]}")
         n, ch = f.shape[0], self.channels
-        qkv = self.qkv(f)
         if n == 0:
-            out = self.proj(qkv[:, :ch])
+            out = self.proj(self.qkv(f)[:, :ch])
             return x.replace_feature(out) if isinstance(x, SparseTensor) else out
-        order, _, _, sizes = window_groups(c, self.window, self.shift_amount, self.max_group)
         if self.topk is None:
-            # chunks are contiguous in sorted order; the op reads the rows through `order` itself
-            offsets = torch.cat([sizes.new_zeros(1), torch.cumsum(sizes, 0)])
-            attended, _ = ops.window_attention(qkv, offsets, self.heads, 1.0 / math.sqrt(ch // self.heads), order)
+            # chunks are contiguous in sorted order; the op projects and reads the rows through `order` itself
+            order, counts = _window_runs(c, self.window, self.shift_amount)
+            offsets = _chunk_offsets(counts, self.max_group)
+            out = ops.window_attention(f, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, offsets,
+                                       self.heads, 1.0 / math.sqrt(ch // self.heads), order)
         else:
-            attended_sorted = self._attend_topk(qkv.index_select(0, order), sizes)
-            attended = torch.empty_like(attended_sorted).index_copy(0, order, attended_sorted)
-        out = self.proj(attended)
+            order, _, _, sizes = window_groups(c, self.window, self.shift_amount, self.max_group)
+            attended_sorted = self._attend_topk(self.qkv(f).index_select(0, order), sizes)
+            out = self.proj(torch.empty_like(attended_sorted).index_copy(0, order, attended_sorted))
         return x.replace_feature(out) if isinstance(x, SparseTensor) else out
 
 
