@@ -357,8 +357,12 @@ torch.library.register_autograd(
 )
 
 
-def _padded_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float):
-    """Attention within consecutive groups of ``qkv`` rows, batched over groups padded to powers of two (key mask)."""
+def _padded_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scale: float, topk: Optional[int] = None):
+    """Attention within consecutive groups of ``qkv`` rows, batched over groups padded to powers of two (key mask).
+
+    With ``topk``, only the ``topk`` largest scores of each query are kept (ties with the ``topk``-th kept too) --
+    the top-k path of :class:`sparseconv.nn.SparseWindowAttention`.  Returns ``(out [N, C], lse [N, heads])``.
+    """
     n, c = qkv.shape[0], qkv.shape[1] // 3
     d = c // heads
     out = qkv.new_zeros((n, c))
@@ -383,6 +387,9 @@ def _padded_attention(qkv: torch.Tensor, offsets: torch.Tensor, heads: int, scal
         valid[slot] = True
         scores = (buf[0] @ buf[1].transpose(-1, -2)) * scale
         scores = scores.masked_fill(~valid.view(g, 1, 1, p), float("-inf"))
+        if topk is not None:
+            kth = scores.topk(min(topk, p), dim=-1).values[..., -1:]
+            scores = scores.masked_fill(scores < kth, float("-inf"))
         row_lse = torch.logsumexp(scores, dim=-1)  # [G, heads, P]
         o = torch.exp(scores - row_lse.unsqueeze(-1)) @ buf[2]
         out = out.index_copy(0, rows, o.permute(0, 2, 1, 3).reshape(g * p, c).index_select(0, slot))

@@ -118,19 +118,6 @@ inline void attn_copy_rows(const T* src, const int64_t* rows, int64_t n, int64_t
 template <typename T>
 constexpr T kAttnPadScore = T(-1e30);
 
-// s[0, np) = sum_k a[k] * kt[k * np + j] (kt: d rows of np keys, zero beyond the group's n), then
-// s[n, np) = kAttnPadScore.  Blocks of kAttnBlock keys stay in registers across k.
-template <typename T>
-inline void attn_scores(const T* a, const T* kt, int64_t n, int64_t np, int64_t d, T* s) {
-  using B = AttnVec<T>;
-  for (int64_t jb = 0; jb < np; jb += kAttnBlock) {
-    typename B::V acc = B::zero();
-    for (int64_t k = 0; k < d; ++k) acc = B::fma(acc, a[k], kt + k * np + jb);
-    B::store(s + jb, acc);
-  }
-  for (int64_t j = n; j < np; ++j) s[j] = kAttnPadScore<T>;
-}
-
 // kt[k * np + j] = columns col .. col + d - 1 of row j of the group's rows g (zero for j in [n, np)).
 template <typename T>
 inline void attn_transpose(const T* g, int64_t ld, int64_t col, int64_t n, int64_t np, int64_t d, T* kt) {
@@ -159,47 +146,36 @@ inline T attn_max(const T* s, int64_t np) {
 // kAttnRows queries overlap (one query alone waits on each FMA's latency), and each key / value load is shared.
 constexpr int64_t kAttnRows = 4;
 
-// s[r * np + j] = sum_k qs[r * d + k] * kt[k * np + j] for the kAttnRows queries r (then the padding score
-// for j in [n, np)).
+// c[r * ldc + col] = sum_{p < k} a[r * lda + p] * b[p * ldb + col] for the kAttnRows rows r and col < ncols
+// (a multiple of kAttnBlock): four rows of scores (a = queries, b = transposed keys) or of weighted sums
+// (a = probabilities, b = padded values).
 template <typename T>
-inline void attn_scores_rows(const T* qs, const T* kt, int64_t n, int64_t np, int64_t d, T* s) {
+inline void attn_rows_product(const T* a, int64_t lda, const T* b, int64_t ldb, int64_t k, int64_t ncols, T* c,
+                              int64_t ldc) {
   using B = AttnVec<T>;
-  for (int64_t jb = 0; jb < np; jb += kAttnBlock) {
+  for (int64_t cb = 0; cb < ncols; cb += kAttnBlock) {
     typename B::V a0 = B::zero(), a1 = B::zero(), a2 = B::zero(), a3 = B::zero();
-    for (int64_t k = 0; k < d; ++k) {
-      const T* row = kt + k * np + jb;
-      a0 = B::fma(a0, qs[k], row);
-      a1 = B::fma(a1, qs[d + k], row);
-      a2 = B::fma(a2, qs[2 * d + k], row);
-      a3 = B::fma(a3, qs[3 * d + k], row);
+    for (int64_t p = 0; p < k; ++p) {
+      const T* row = b + p * ldb + cb;
+      a0 = B::fma(a0, a[p], row);
+      a1 = B::fma(a1, a[lda + p], row);
+      a2 = B::fma(a2, a[2 * lda + p], row);
+      a3 = B::fma(a3, a[3 * lda + p], row);
     }
-    B::store(s + jb, a0);
-    B::store(s + np + jb, a1);
-    B::store(s + 2 * np + jb, a2);
-    B::store(s + 3 * np + jb, a3);
-  }
-  for (int64_t r = 0; r < kAttnRows; ++r) {
-    for (int64_t j = n; j < np; ++j) s[r * np + j] = kAttnPadScore<T>;
+    B::store(c + cb, a0);
+    B::store(c + ldc + cb, a1);
+    B::store(c + 2 * ldc + cb, a2);
+    B::store(c + 3 * ldc + cb, a3);
   }
 }
 
-// o[r * dp + k] = sum_j p[r * np + j] * vp[j * dp + k] for the kAttnRows queries r (vp: [n, dp]).
+// Scores of the kAttnRows queries qs [kAttnRows, d] against the transposed keys kt [d, np]: s [kAttnRows, np],
+// the padding score for j in [n, np).
 template <typename T>
-inline void attn_weighted_rows(const T* p, const T* vp, int64_t n, int64_t np, int64_t dp, T* o) {
-  using B = AttnVec<T>;
-  for (int64_t kb = 0; kb < dp; kb += kAttnBlock) {
-    typename B::V a0 = B::zero(), a1 = B::zero(), a2 = B::zero(), a3 = B::zero();
-    for (int64_t j = 0; j < n; ++j) {
-      const T* v = vp + j * dp + kb;
-      a0 = B::fma(a0, p[j], v);
-      a1 = B::fma(a1, p[np + j], v);
-      a2 = B::fma(a2, p[2 * np + j], v);
-      a3 = B::fma(a3, p[3 * np + j], v);
-    }
-    B::store(o + kb, a0);
-    B::store(o + dp + kb, a1);
-    B::store(o + 2 * dp + kb, a2);
-    B::store(o + 3 * dp + kb, a3);
+inline void attn_scores_rows(const T* qs, const T* kt, int64_t n, int64_t np, int64_t d, T* s) {
+  attn_rows_product(qs, d, kt, np, d, np, s, np);
+  for (int64_t r = 0; r < kAttnRows; ++r) {
+    for (int64_t j = n; j < np; ++j) s[r * np + j] = kAttnPadScore<T>;
   }
 }
 
@@ -251,7 +227,7 @@ void attn_forward_groups(const AttnProblem<T>& pb, int64_t g_begin, int64_t g_en
           inv[r] = T(1) / l;
           if (r < m) lse[rows[i0 + r] * heads + h] = mx[r] + std::log(l);
         }
-        attn_weighted_rows(s, vp, n, np, dp, o);
+        attn_rows_product(s, np, vp, dp, n, dp, o, dp);
         for (int64_t r = 0; r < m; ++r) {
           T* dst = res + (i0 + r) * c + h * d;
           for (int64_t k = 0; k < d; ++k) dst[k] = o[r * dp + k] * inv[r];
@@ -348,7 +324,7 @@ void attn_backward_groups(const AttnProblem<T>& pb, const T* grad_out, const T* 
             for (int64_t j = 0; j < np; ++j) pr[j] = dr[j] = T(0);  // no contribution to dk, dv
           }
         }
-        attn_weighted_rows(ds, kp, n, np, dp, dq);
+        attn_rows_product(ds, np, kp, dp, n, dp, dq, dp);
         for (int64_t r = 0; r < m; ++r) {
           T* gq = res + (i0 + r) * ld + h * d;
           for (int64_t k = 0; k < d; ++k) gq[k] = dq[r * dp + k];

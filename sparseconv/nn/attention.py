@@ -154,36 +154,6 @@ class SparseWindowAttention(SparseModule):
         return (f"channels={self.channels}, heads={self.heads}, window={self.window}, shift={self.shift}, "
                 f"topk={self.topk}, max_group={self.max_group}")
 
-    def _attend_topk(self, qkv_sorted: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
-        """Top-k attention within the chunks (rows of ``qkv_sorted`` contiguous per chunk), padded by size."""
-        n, ch, h = qkv_sorted.shape[0], self.channels, self.heads
-        d = ch // h
-        chunk = torch.repeat_interleave(torch.arange(sizes.numel(), device=qkv_sorted.device), sizes)
-        starts = torch.cumsum(sizes, 0) - sizes
-        pos = torch.arange(n, device=qkv_sorted.device) - starts.index_select(0, chunk)
-        # Padded size of each chunk: the next power of two, capped at max_group.
-        padded = torch.clamp(2 ** torch.ceil(torch.log2(sizes.double())).long(), max=self.max_group)
-        padded_of_row = padded.index_select(0, chunk)
-        out = qkv_sorted.new_empty(n, ch)
-        for p in torch.unique(padded).tolist():
-            chunks_p = (padded == p).nonzero().squeeze(1)
-            local = torch.full((padded.numel(),), -1, dtype=torch.long, device=qkv_sorted.device)
-            local[chunks_p] = torch.arange(chunks_p.numel(), device=qkv_sorted.device)
-            sel = (padded_of_row == p).nonzero().squeeze(1)
-            slot = local.index_select(0, chunk.index_select(0, sel)) * p + pos.index_select(0, sel)
-            g = chunks_p.numel()
-            buf = qkv_sorted.new_zeros(g * p, 3 * ch).index_copy(0, slot, qkv_sorted.index_select(0, sel))
-            q, k, v = buf.view(g, p, 3, h, d).permute(2, 0, 3, 1, 4)  # each [G, heads, P, d]
-            valid = torch.zeros(g * p, dtype=torch.bool, device=qkv_sorted.device)
-            valid[slot] = True
-            scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(d))
-            scores = scores.masked_fill(~valid.view(g, 1, 1, p), float("-inf"))
-            kth = scores.topk(min(self.topk, p), dim=-1).values[..., -1:]
-            scores = scores.masked_fill(scores < kth, float("-inf"))
-            o = torch.softmax(scores, dim=-1) @ v
-            out = out.index_copy(0, sel, o.permute(0, 2, 1, 3).reshape(g * p, ch).index_select(0, slot))
-        return out
-
     def forward(self, x, coords: Optional[torch.Tensor] = None):
         f, c = _coords_and_features(x, coords, "SparseWindowAttention")
         if f.shape[1] != self.channels:
@@ -192,15 +162,16 @@ class SparseWindowAttention(SparseModule):
         if n == 0:
             out = self.proj(self.qkv(f)[:, :ch])
             return x.replace_feature(out) if isinstance(x, SparseTensor) else out
-        if self.topk is None:
-            # chunks are contiguous in sorted order; the op projects and reads the rows through `order` itself
-            order, counts = _window_runs(c, self.window, self.shift_amount)
-            offsets = _chunk_offsets(counts, self.max_group)
+        # chunks are contiguous in sorted order
+        order, counts = _window_runs(c, self.window, self.shift_amount)
+        offsets = _chunk_offsets(counts, self.max_group)
+        scale = 1.0 / math.sqrt(ch // self.heads)
+        if self.topk is None:  # the op projects and reads the rows through `order` itself
             out = ops.window_attention(f, self.qkv.weight, self.qkv.bias, self.proj.weight, self.proj.bias, offsets,
-                                       self.heads, 1.0 / math.sqrt(ch // self.heads), order)
-        else:
-            order, _, _, sizes = window_groups(c, self.window, self.shift_amount, self.max_group)
-            attended_sorted = self._attend_topk(self.qkv(f).index_select(0, order), sizes)
+                                       self.heads, scale, order)
+        else:  # explicit scores over padded chunks, the topk largest per query kept
+            attended_sorted, _ = ops._padded_attention(self.qkv(f).index_select(0, order), offsets, self.heads, scale,
+                                                       topk=self.topk)
             out = self.proj(torch.empty_like(attended_sorted).index_copy(0, order, attended_sorted))
         return x.replace_feature(out) if isinstance(x, SparseTensor) else out
 
