@@ -74,7 +74,7 @@ _pkgs = _packages()
 setup(
     packages=sorted(_pkgs),
     package_dir=_pkgs,
-    package_data={"sparseconv.models": ["weights/*.pt", "weights/*.md"]},
+    package_data={"sparseconv.models": ["weights/*.pt", "weights/*.md", "weights/seg/*.pt"]},
     ext_modules=_extensions(),
     cmdclass=_cmdclass(),
 )

@@ -319,3 +319,40 @@ def test_segment_command_good_and_truncated_scan(run):
     assert p.returncode == 2 and "no such file" in p.stderr
     p = _run(["-m", "sparseconv", "segment", str(scans), "-o", str(out), "--ckpt", str(scans / "good.bin")])
     assert p.returncode == 2 and "checkpoint" in p.stderr
+
+
+# ----------------------------------------------------------------------------- shipped weights
+def test_export_seg_writes_slim_float16_weights_that_segment_reads(run):
+    ckpt = CheckpointManager(run["out"]).latest()
+    out_dir = run["tmp"] / "weights"
+    p = _run([os.path.join(TOOLS, "export_seg.py"), "--ckpt", ckpt, "--name", "tiny", "--out", str(out_dir),
+              "--command", "python tools/train_seg.py --config cfg.yaml"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    path = str(out_dir / "tiny.pt")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    full = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert set(state) == {"model", "config", "epoch", "global_step", "provenance"}      # no optimizer state
+    assert state["config"] == full["config"] and state["provenance"]["command"].startswith("python tools/train_seg")
+    for k, v in full["model"].items():
+        got = state["model"][k]
+        if v.is_floating_point():
+            assert got.dtype == torch.float16 and torch.equal(got, v.half())
+        else:
+            assert torch.equal(got, v)
+    # the slim file loads like a checkpoint; its logits equal those of the float32 weights rounded to float16
+    _, model16, _, _ = load_seg_checkpoint(path)
+    _, model32, _, _ = load_seg_checkpoint(ckpt)
+    with torch.no_grad():
+        for name, param in model32.named_parameters():
+            param.copy_(param.half().float())
+        for name, buf in model32.named_buffers():
+            if buf.is_floating_point():
+                buf.copy_(buf.half().float())
+    cfg = state["config"]
+    points = np.fromfile(os.path.join(run["root"], "sequences", "08", "velodyne", "000000.bin"), "<f4").reshape(-1, 4)
+    batch = collate([{"points": torch.from_numpy(points)}], cfg["data"]["voxel_size"], cfg["data"]["point_range"])
+    with torch.no_grad():
+        torch.testing.assert_close(model16.net(batch["voxels"]).features, model32.net(batch["voxels"]).features)
+    bad = _run([os.path.join(TOOLS, "export_seg.py"), "--ckpt", str(out_dir / "missing.pt"), "--name", "x",
+                "--out", str(out_dir)])
+    assert bad.returncode == 2 and "missing.pt" in bad.stderr

@@ -44,7 +44,8 @@ def add_parser(sub) -> None:
 
 
 def _add_own_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, metavar="CKPT", help="checkpoint written by tools/train_seg.py")
+    p.add_argument("--ckpt", metavar="CKPT", help="checkpoint written by tools/train_seg.py or tools/export_seg.py "
+                   "(default: the best shipped weights, sparseconv/models/weights/seg/)")
     p.add_argument("--config", metavar="CFG", help="experiment YAML (default: the config stored in the checkpoint)")
     p.add_argument("--ply", action="store_true", help="also write OUTDIR/<stem>.ply coloured by class")
     p.add_argument("--threads", type=int, default=None, metavar="N", help="torch CPU threads (default: torch's)")
@@ -69,8 +70,16 @@ def _load(args):
     from ..engine.distributed import resolve_device
     from ..engine.seg import load_seg_checkpoint
 
+    from ..engine.seg import shipped_seg_weights
+
     try:
         overrides = parse_overrides(args.set)
+        if args.ckpt is None:
+            shipped = shipped_seg_weights()
+            if not shipped:
+                raise ValueError("no --ckpt given and no shipped segmentation weights are installed "
+                                 "(sparseconv/models/weights/seg/*.pt); train one with tools/train_seg.py")
+            args.ckpt = shipped[0]
         cfg, model, _, _ = load_seg_checkpoint(args.ckpt, args.config, overrides)
         device = resolve_device(args.device)
     except (OSError, ValueError, TypeError, KeyError) as e:  # ConfigError is a ValueError

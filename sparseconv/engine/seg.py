@@ -260,6 +260,26 @@ def build_segmenter(cfg: Mapping[str, Any], class_weights: Optional[torch.Tensor
                              label_smoothing=float(lo["label_smoothing"]))
 
 
+def shipped_seg_weights() -> List[str]:
+    """The shipped segmentation weights (``sparseconv/models/weights/seg/*.pt``, written by ``tools/export_seg.py``),
+    best first: by the mIoU recorded in their provenance (files without one last), then by name."""
+    import glob
+
+    from ..models.pretrained import WEIGHTS_DIR
+
+    files = sorted(glob.glob(os.path.join(glob.escape(os.path.join(WEIGHTS_DIR, "seg")), "*.pt")))
+
+    def miou(path: str) -> float:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            value = ((state.get("provenance") or {}).get("metrics") or {}).get("miou")
+            return float(value) if value is not None else -1.0
+        except Exception:  # unreadable: last
+            return -2.0
+
+    return sorted(files, key=lambda p: -miou(p))
+
+
 def load_seg_checkpoint(ckpt: str, config: Optional[str] = None, overrides: Optional[Sequence] = None
                         ) -> Tuple[Dict[str, Any], SegmentationModel, Dict[str, Any], str]:
     """Loads a training checkpoint of ``tools/train_seg.py`` into a :class:`SegmentationModel` (eval mode).
