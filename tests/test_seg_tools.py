@@ -356,3 +356,17 @@ def test_export_seg_writes_slim_float16_weights_that_segment_reads(run):
     bad = _run([os.path.join(TOOLS, "export_seg.py"), "--ckpt", str(out_dir / "missing.pt"), "--name", "x",
                 "--out", str(out_dir)])
     assert bad.returncode == 2 and "missing.pt" in bad.stderr
+
+
+def test_compare_models_reports_parameters_and_latency(run):
+    ckpt = CheckpointManager(run["out"]).latest()
+    out = run["tmp"] / "latency.json"
+    p = _run([os.path.join(TOOLS, "compare_models.py"), "--task", "seg", "--ckpt", ckpt, "--ckpt", ckpt, "--scans", "1",
+              "--repeats", "2", "--threads", "1", "--json", str(out)])
+    assert p.returncode == 0, p.stdout + p.stderr
+    res = json.loads(out.read_text())
+    _, model, _, _ = load_seg_checkpoint(ckpt)
+    assert [m["parameters"] for m in res["models"]] == [sum(q.numel() for q in model.parameters())] * 2
+    assert all(m["ms_per_scan"] > 0 for m in res["models"]) and res["models"][0]["ratio_to_first"] == 1.0
+    bad = _run([os.path.join(TOOLS, "compare_models.py"), "--task", "seg", "--ckpt", str(run["tmp"] / "nope.pt")])
+    assert bad.returncode == 2 and "nope.pt" in bad.stderr
