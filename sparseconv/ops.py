@@ -403,6 +403,7 @@ def _padded_window_attention(x, weight, bias, proj_weight, proj_bias, offsets, i
 
     The CUDA kernel of the op (batched products suit the GPU); it runs on any device and floating dtype.
     """
+    _check_window_attention(x, weight, offsets, index, heads)
     qkv = torch.nn.functional.linear(x, weight, bias)
     if index is None:
         out, lse = _padded_attention(qkv, offsets, heads, scale)
@@ -412,7 +413,36 @@ def _padded_window_attention(x, weight, bias, proj_weight, proj_bias, offsets, i
     return torch.nn.functional.linear(out, proj_weight, proj_bias), out, lse
 
 
+def _check_window_attention(x, weight, offsets, index, heads: int) -> None:
+    """The CPU kernel's argument checks (csrc/cpu/window_attention_cpu.cpp), for the Python kernels."""
+    op = "sparseconv.window_attention"
+    if heads < 1:
+        raise ValueError(f"{op}: heads must be >= 1, got {heads}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be [N, C_in], got shape {list(x.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != x.shape[1] or weight.shape[0] % (3 * heads):
+        raise ValueError(f"{op}: weight must be [3 * C, C_in] = [3 * C, {x.shape[1]}] with C divisible by heads "
+                         f"({heads}), got shape {list(weight.shape)}")
+    n = x.shape[0]
+    if offsets.dim() != 1 or offsets.numel() < 1 or offsets.dtype != torch.int64:
+        raise ValueError(f"{op}: offsets must be a 1-D int64 tensor [G + 1], got {offsets.dtype} of shape "
+                         f"{list(offsets.shape)}")
+    first, last = int(offsets[0]), int(offsets[-1])
+    if first != 0 or last != n:
+        raise ValueError(f"{op}: offsets must start at 0 and end at N = {n}, got {first} and {last}")
+    if bool((offsets[1:] < offsets[:-1]).any()):
+        raise ValueError(f"{op}: offsets must be non-decreasing")
+    if index is not None:
+        if index.dim() != 1 or index.numel() != n or index.dtype != torch.int64:
+            raise ValueError(f"{op}: index must be a 1-D int64 permutation of the {n} rows, got {index.dtype} of "
+                             f"shape {list(index.shape)}")
+        if n and (int(index.min()) < 0 or int(index.max()) >= n
+                  or bool((torch.bincount(index, minlength=n) != 1).any())):
+            raise ValueError(f"{op}: index must be a permutation of [0, {n})")
+
+
 def _padded_window_attention_backward(grad_out, x, weight, bias, out, lse, offsets, index, heads, scale):
+    _check_window_attention(x, weight, offsets, index, heads)
     qkv = torch.nn.functional.linear(x, weight, bias).detach().requires_grad_(True)
     with torch.enable_grad():
         sorted_qkv = qkv if index is None else qkv.index_select(0, index)

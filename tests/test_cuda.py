@@ -399,6 +399,30 @@ def test_sparse_rows_mm_matches_cpu(dtype):
     same_error(ops.sparse_rows_mm, a.detach(), b.detach()[:5])
 
 
+# --------------------------------------------------------------------------- window_attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_window_attention_matches_cpu(dtype):
+    gen = seeded("window-attention", str(dtype))
+    sizes = torch.randint(0, 40, (300,), generator=gen)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), sizes.cumsum(0)])
+    n = int(offsets[-1])
+    index = torch.randperm(n, generator=gen)
+    args = [torch.randn(n, 32, generator=gen, dtype=dtype), torch.randn(96, 32, generator=gen, dtype=dtype) / 6,
+            torch.randn(96, generator=gen, dtype=dtype), torch.randn(24, 32, generator=gen, dtype=dtype) / 6,
+            torch.randn(24, generator=gen, dtype=dtype)]
+    cpu_args = [a.clone().requires_grad_() for a in args]
+    dev_args = [cuda(a).requires_grad_() for a in args]
+    out = ops.window_attention(*cpu_args, offsets, 4, 0.35, index)
+    cout = ops.window_attention(*dev_args, cuda(offsets), 4, 0.35, cuda(index))
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    torch.testing.assert_close(cout.cpu(), out, rtol=tol, atol=tol)
+    g = torch.randn(out.shape, generator=gen, dtype=dtype)
+    out.backward(g)
+    cout.backward(cuda(g))
+    for a, ca in zip(cpu_args, dev_args):
+        torch.testing.assert_close(ca.grad.cpu(), a.grad, rtol=tol, atol=tol)
+
+
 # --------------------------------------------------------------------------- a small network
 def test_network_forward_backward_matches_cpu():
     """Submanifold conv -> strided conv -> max pool -> transposed conv back, as ops, on both devices."""

@@ -343,6 +343,18 @@ def test_window_attention_padded_path_equals_reference():
             rtol=0, atol=1e-12)
 
 
+def test_window_attention_padded_path_checks_its_arguments():
+    x, w, b, pw, pb, offsets = _groups([3, 4], 2, 4)
+    for bad_offsets, msg in ((torch.tensor([0, 3, 6]), "start at 0 and end at N"),
+                             (torch.tensor([0, 5, 3, 7]), "non-decreasing"), (offsets.int(), "int64")):
+        with pytest.raises(ValueError, match=msg):
+            ops._padded_window_attention(x, w, b, pw, pb, bad_offsets, None, 2, 1.0)
+    with pytest.raises(ValueError, match="permutation"):
+        ops._padded_window_attention(x, w, b, pw, pb, offsets, torch.tensor([0, 1, 2, 3, 4, 5, 5]), 2, 1.0)
+    with pytest.raises(ValueError, match="divisible by heads"):
+        ops._padded_window_attention(x, w, b, pw, pb, offsets, None, 5, 1.0)
+
+
 def test_window_attention_op_nan_stays_in_its_group():
     x, w, b, pw, pb, offsets = _groups([3, 4], 1, 4, dtype=torch.float32)
     x[0, 0] = float("nan")
