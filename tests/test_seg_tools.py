@@ -370,3 +370,19 @@ def test_compare_models_reports_parameters_and_latency(run):
     assert all(m["ms_per_scan"] > 0 for m in res["models"]) and res["models"][0]["ratio_to_first"] == 1.0
     bad = _run([os.path.join(TOOLS, "compare_models.py"), "--task", "seg", "--ckpt", str(run["tmp"] / "nope.pt")])
     assert bad.returncode == 2 and "nope.pt" in bad.stderr
+
+
+def test_segment_without_ckpt_uses_the_best_shipped_weights(run, tmp_path):
+    from sparseconv.engine.seg import shipped_seg_weights
+
+    shipped = shipped_seg_weights()
+    if not shipped:
+        pytest.skip("no segmentation weights shipped in models/weights/seg yet (tools/export_seg.py)")
+    state = torch.load(shipped[0], map_location="cpu", weights_only=False)
+    assert state["provenance"]["metrics"]["miou"] >= 0.65 and state["provenance"]["command"]
+    src = os.path.join(run["root"], "sequences", "08", "velodyne", "000000.bin")
+    p = _run(["-m", "sparseconv", "segment", src, "-o", str(tmp_path), "--threads", "1"])
+    assert p.returncode == 0, p.stdout + p.stderr
+    n = os.path.getsize(src) // 16
+    raw = np.fromfile(tmp_path / "000000.label", "<u4")
+    assert len(raw) == n and set(np.unique(raw & 0xFFFF).tolist()) <= set(LEARNING_MAP_INV.values())

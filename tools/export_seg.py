@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             "command": args.command,
             "metrics": metrics,
             "weights_dtype": str(dtype).replace("torch.", ""),
-            "num_parameters": int(sum(v.numel() for v in weights.values() if v.is_floating_point())),
+            "state_dict_floats": int(sum(v.numel() for v in weights.values() if v.is_floating_point())),
             "exported_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "torch_version": torch.__version__.split("+")[0],
         }),
@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.name}.pt")
     save_checkpoint(out, path)
-    print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB, {out['provenance']['num_parameters']:,} "
-          f"parameters, {out['provenance']['weights_dtype']})")
+    print(f"wrote {path} ({os.path.getsize(path) / 2 ** 20:.1f} MiB, {out['provenance']['state_dict_floats']:,} "
+          f"floating values, {out['provenance']['weights_dtype']})")
     return 0
 
 
