@@ -179,21 +179,27 @@ inline void attn_scores_rows(const T* qs, const T* kt, int64_t n, int64_t np, in
   }
 }
 
+// Starts group g: prefetches the next group's rows of x, writes the group's row indices to rows and returns
+// how many there are.
+template <typename T>
+inline int64_t attn_group_rows(const AttnProblem<T>& pb, int64_t g, int64_t g_end, int64_t* rows) {
+  attn_prefetch_rows(pb.x, pb.offsets, pb.index, g, g_end, pb.cin);
+  const int64_t r0 = pb.offsets[g], n = pb.offsets[g + 1] - r0;
+  for (int64_t i = 0; i < n; ++i) rows[i] = pb.index ? pb.index[r0 + i] : r0 + i;
+  return n;
+}
+
 // Groups [g_begin, g_end) (rows index[offsets[g]] .., or offsets[g] .. when index is null): y, out (the attended
 // rows before the output projection) and lse ([N, heads]) of their rows.  rows: scratch of max_n entries.
 template <typename T>
 void attn_forward_groups(const AttnProblem<T>& pb, int64_t g_begin, int64_t g_end, T* y, T* out, T* lse,
                          const AttnScratch<T>& sc) {
   const int64_t heads = pb.heads, d = pb.d, c = heads * d, ld = 3 * c, dp = attn_pad(d);
-  const int64_t* offsets = pb.offsets;
-  const int64_t* index = pb.index;
   const T scale = pb.scale;
   int64_t* rows = sc.rows;
   for (int64_t g = g_begin; g < g_end; ++g) {
-    const int64_t r0 = offsets[g], n = offsets[g + 1] - r0, np = attn_pad(n);
-    attn_prefetch_rows(pb.x, offsets, index, g, g_end, pb.cin);
+    const int64_t n = attn_group_rows(pb, g, g_end, rows), np = attn_pad(n);
     if (n <= 0) continue;
-    for (int64_t i = 0; i < n; ++i) rows[i] = index ? index[r0 + i] : r0 + i;
     T* grp = sc.values;                // [n, 3C] the group's rows
     T* res = grp + n * ld;           // [n, C] its outputs
     T* kt = res + n * c;             // [d, np] keys of one head, transposed
@@ -257,15 +263,11 @@ void attn_backward_groups(const AttnProblem<T>& pb, const T* grad_out, const T* 
                           int64_t g_end, T* grad_qkv, const AttnScratch<T>& sc) {
   using B = AttnVec<T>;
   const int64_t heads = pb.heads, d = pb.d, c = heads * d, ld = 3 * c, dp = attn_pad(d);
-  const int64_t* offsets = pb.offsets;
-  const int64_t* index = pb.index;
   const T scale = pb.scale;
   int64_t* rows = sc.rows;
   for (int64_t g = g_begin; g < g_end; ++g) {
-    const int64_t r0 = offsets[g], n = offsets[g + 1] - r0, np = attn_pad(n);
-    attn_prefetch_rows(pb.x, offsets, index, g, g_end, pb.cin);
+    const int64_t n = attn_group_rows(pb, g, g_end, rows), np = attn_pad(n);
     if (n <= 0) continue;
-    for (int64_t i = 0; i < n; ++i) rows[i] = index ? index[r0 + i] : r0 + i;
     T* grp = sc.values;                // [n, 3C] qkv rows
     T* gog = grp + n * ld;            // [n, C] grad_out rows
     T* og = gog + n * c;              // [n, C] out rows
