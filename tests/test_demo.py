@@ -86,12 +86,22 @@ def _reference_dets(model, points, score_threshold=0.0):
         model.dense_head.score_threshold = old
 
 
+def _canonical(scores, labels, boxes):
+    """Detections ordered by score (rounded: scores equal within float rounding are ties, whose order a
+    different thread count may swap), then label and box centre."""
+    scores, labels, boxes = np.asarray(scores, np.float64), np.asarray(labels), np.asarray(boxes, np.float64)
+    order = np.lexsort((boxes[:, 1].round(3), boxes[:, 0].round(3), labels, -scores.round(5)))
+    return scores[order], labels[order], boxes[order]
+
+
 def _assert_same_dets(rows, ref):
     assert len(rows) == len(ref["scores"])
-    np.testing.assert_allclose(np.array([r["box"] for r in rows]).reshape(-1, 7), ref["boxes"].numpy(),
-                               rtol=1e-5, atol=1e-4)
-    np.testing.assert_allclose([r["score"] for r in rows], ref["scores"].numpy(), rtol=1e-5, atol=1e-6)
-    assert [r["label"] for r in rows] == ref["labels"].tolist()
+    got = _canonical([r["score"] for r in rows], [r["label"] for r in rows],
+                     np.array([r["box"] for r in rows]).reshape(-1, 7))
+    exp = _canonical(ref["scores"].numpy(), ref["labels"].numpy(), ref["boxes"].numpy())
+    np.testing.assert_allclose(got[2], exp[2], rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got[0], exp[0], rtol=1e-5, atol=1e-6)
+    assert got[1].tolist() == exp[1].tolist()
 
 
 # ----------------------------------------------------------------------------- fixtures
