@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import hashlib
 import json
 import os
 import sys
@@ -44,7 +43,7 @@ def main(argv=None) -> int:
     import torch
 
     from sparseconv.engine.checkpoint import load_checkpoint, save_checkpoint
-    from sparseconv.models.pretrained import check_name, plain
+    from sparseconv.models.pretrained import _sha256, check_name, plain
 
     try:
         check_name(args.name)
@@ -61,10 +60,6 @@ def main(argv=None) -> int:
     dtype = torch.float32 if args.float32 else torch.float16
     weights = {k: (v.detach().to("cpu", dtype) if v.is_floating_point() else v.detach().cpu())
                for k, v in state["model"].items()}
-    h = hashlib.sha256()
-    with open(args.ckpt, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
     out = {
         "model": weights,
         "config": state["config"],
@@ -72,7 +67,7 @@ def main(argv=None) -> int:
         "global_step": state.get("global_step"),
         "provenance": plain({
             "checkpoint": os.path.basename(args.ckpt),
-            "checkpoint_sha256": h.hexdigest(),
+            "checkpoint_sha256": _sha256(args.ckpt),
             "command": args.command,
             "metrics": metrics,
             "weights_dtype": str(dtype).replace("torch.", ""),
