@@ -24,6 +24,7 @@
 #include "../checks.h"
 #include "../coords.h"
 #include "../voxelize.h"
+#include "gemm_rows.h"
 #include "radix_sort.h"
 
 namespace sparseconv {
@@ -33,33 +34,56 @@ namespace {
 using Reduce = VoxelReduce;
 
 
-// Scratch of one group of points in the split first-appearance pass (see voxelize_cpu): its own
-// table and voxels in local first-appearance order, and their global ids / rank offsets.
+// Scratch of one partition of the voxel keys in the partitioned first-appearance pass (see
+// voxelize_cpu): its points, its own table, its voxels in local first-appearance order, their first
+// points, global ids and (padded rows, running reductions) per-voxel data.
 template <typename K>
-struct GroupBufs {
-  std::vector<K> table, vkey;
-  std::vector<int32_t> vcount, vslot, gmap, goff;
+struct PartBufs {
+  std::vector<K> key, table, vkey;
+  std::vector<int32_t> idx, vcount, vslot, first, gmap, vpts;
+  std::vector<double> accd;
+  std::vector<float> accf;
 };
 
 // Scratch buffers of one calling thread (see voxelize_cpu).
 struct Workspace {
   std::vector<uint32_t> key32, table32, vkey32, skey32, skey32_tmp;
-  std::vector<uint64_t> key64, table64, vkey64, skey64, skey64_tmp;
-  std::vector<int32_t> idx, pslot, vpts, vcount, vslot, sv, sv_tmp, rank, csr, csr_start;
+  std::vector<uint64_t> packed, key64, table64, vkey64, skey64, skey64_tmp;
+  std::vector<int32_t> idx, idx_rank, pslot, vpts, vcount, vslot, sv, sv_tmp, rank;
   std::vector<int64_t> chunk_valid, chunk_nonfinite, hist;
   std::vector<float> accf;
   std::vector<double> accd;
-  std::vector<GroupBufs<uint32_t>> groups32;
-  std::vector<GroupBufs<uint64_t>> groups64;
+  std::vector<int32_t> inv_part, inv_local;
+  std::vector<PartBufs<uint32_t>> parts32;
+  std::vector<PartBufs<uint64_t>> parts64;
 };
 
 template <typename K>
-std::vector<GroupBufs<K>>& group_bufs(Workspace& ws) {
+std::vector<PartBufs<K>>& part_bufs(Workspace& ws) {
   if constexpr (std::is_same<K, uint32_t>::value) {
-    return ws.groups32;
+    return ws.parts32;
   } else {
-    return ws.groups64;
+    return ws.parts64;
   }
+}
+
+template <typename scalar_t, typename K>
+std::vector<scalar_t>& part_acc(PartBufs<K>& b) {
+  if constexpr (std::is_same<scalar_t, float>::value) {
+    return b.accf;
+  } else {
+    return b.accd;
+  }
+}
+
+// The partition of a voxel key among `parts` (a mix of the key unrelated to the table's Fibonacci
+// hash, so every partition still spreads over its whole table).
+template <typename K>
+inline int64_t part_of(K key, int64_t parts) {
+  uint64_t x = static_cast<uint64_t>(key);
+  x ^= x >> 29;
+  x *= 0xBF58476D1CE4E5B9ull;
+  return static_cast<int64_t>(((x >> 32) * static_cast<uint64_t>(parts)) >> 32);
 }
 
 // Open-addressing hash table (linear probing, power-of-two capacity) from a voxel key to its
@@ -160,25 +184,25 @@ struct KeyMaker {
 };
 
 #if SPARSECONV_VOXELIZE_AVX2
-bool cpu_has_avx2() {
-  static const bool has = __builtin_cpu_supports("avx2");
-  return has;
-}
-
-// KeyMaker::key for float points with 4 columns and 32-bit keys, two points per 256-bit step
-// (the build targets baseline x86-64; this runs only where the CPU has AVX2).  The same
-// arithmetic: one correctly rounded division per axis, the same range tests, and the key
+// The key kernels below compute KeyMaker::key for float points with 4 columns and 32-bit keys,
+// several points per vector step (the build targets baseline x86-64; each runs only where the
+// CPU has its instruction set, picked as the convolution micro-kernels are: cpu::gemm_rows_isa(),
+// capped by SPARSECONV_CPU_ISA).  The same arithmetic as the scalar path: one correctly rounded
+// division per axis, the same range tests, and the key
 // ((b * X + x) * Y + y) * Z + z = b * XYZ + x * YZ + y * Z + z in 32-bit lanes (exact: keys < 2^32).
-struct Float4KeysAvx2 {
+// run(begin, end, ...) handles points [begin, end) (end - begin a multiple of the step), appends
+// the keys and indices of the valid points at key + j, idx + j, sets pv = -1 for the others and
+// adds the non-finite ones to *nonfinite; returns the new j.
+struct Float4Keys {
   const float* p;
   const int64_t* bp;
   float lo[3], vs[3];
   int32_t g[3];
   uint32_t yz, z, xyz;
 
-  // Points [begin, end) (an even count); returns the new end of the compacted keys.
-  __attribute__((target("avx2"))) int64_t run(int64_t begin, int64_t end, uint32_t* key, int32_t* idx, int64_t j,
-                                              int64_t* pv, int64_t* nonfinite) const {
+  // Two points per 256-bit step.
+  __attribute__((target("avx2"))) int64_t run_avx2(int64_t begin, int64_t end, uint32_t* key, int32_t* idx,
+                                                   int64_t j, int64_t* pv, int64_t* nonfinite) const {
     const __m256 lo8 = _mm256_setr_ps(lo[0], lo[1], lo[2], 0.f, lo[0], lo[1], lo[2], 0.f);
     const __m256 vs8 = _mm256_setr_ps(vs[0], vs[1], vs[2], 1.f, vs[0], vs[1], vs[2], 1.f);
     const __m256 zero = _mm256_setzero_ps(), lim = _mm256_set1_ps(2147483648.f);
@@ -207,6 +231,73 @@ struct Float4KeysAvx2 {
           nf += !(std::isfinite(r[0]) && std::isfinite(r[1]) && std::isfinite(r[2]));
           pv[ii] = -1;
         }
+      }
+    }
+    *nonfinite += nf;
+    return j;
+  }
+
+  // Sixteen points per step: x, y and z of 16 points are pulled out of four 512-bit loads by
+  // permutes, and the valid keys are compacted in registers (a compressing store to memory is
+  // slow on some CPUs).  Each step writes 16 elements at key + j and idx + j; j <= i, so the
+  // writes stay inside [begin, end) of the caller's compacted chunk.
+  __attribute__((target("avx512f"))) int64_t run_avx512(int64_t begin, int64_t end, uint32_t* key, int32_t* idx,
+                                                        int64_t j, int64_t* pv, int64_t* nonfinite) const {
+    const __m512i sel_x = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28);
+    const __m512i one = _mm512_set1_epi32(1);
+    const __m512i sel_y = _mm512_add_epi32(sel_x, one), sel_z = _mm512_add_epi32(sel_y, one);
+    const __m512 lox = _mm512_set1_ps(lo[0]), loy = _mm512_set1_ps(lo[1]), loz = _mm512_set1_ps(lo[2]);
+    const __m512 vsx = _mm512_set1_ps(vs[0]), vsy = _mm512_set1_ps(vs[1]), vsz = _mm512_set1_ps(vs[2]);
+    const __m512 zero = _mm512_setzero_ps();
+    const __m512i zero_i = _mm512_setzero_si512();
+    const __m512i gx = _mm512_set1_epi32(g[0]), gy = _mm512_set1_epi32(g[1]), gz = _mm512_set1_epi32(g[2]);
+    const __m512i myz = _mm512_set1_epi32(int32_t(yz)), mz = _mm512_set1_epi32(int32_t(z));
+    const __m512i mxyz = _mm512_set1_epi32(int32_t(xyz));
+    const __m512i minus1 = _mm512_set1_epi64(-1);
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    int64_t nf = 0;
+    for (int64_t i = begin; i < end; i += 16) {
+      const float* r = p + 4 * i;
+      const __m512 a = _mm512_loadu_ps(r), b = _mm512_loadu_ps(r + 16);
+      const __m512 c = _mm512_loadu_ps(r + 32), d = _mm512_loadu_ps(r + 48);
+      // Lanes 0-7 of permutex2var(a, sel, b) hold the axis of points 0-7; the same for c, d.
+      const __m512 x = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(a, sel_x, b), _mm512_permutex2var_ps(c, sel_x, d),
+                                            _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512 y = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(a, sel_y, b), _mm512_permutex2var_ps(c, sel_y, d),
+                                            _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512 zz = _mm512_shuffle_f32x4(_mm512_permutex2var_ps(a, sel_z, b), _mm512_permutex2var_ps(c, sel_z, d),
+                                             _MM_SHUFFLE(1, 0, 1, 0));
+      const __m512 tx = _mm512_div_ps(_mm512_sub_ps(x, lox), vsx);
+      const __m512 ty = _mm512_div_ps(_mm512_sub_ps(y, loy), vsy);
+      const __m512 tz = _mm512_div_ps(_mm512_sub_ps(zz, loz), vsz);
+      const __m512i qx = _mm512_cvttps_epi32(tx), qy = _mm512_cvttps_epi32(ty), qz = _mm512_cvttps_epi32(tz);
+      // t >= 0 (false for NaN), and 0 <= q < g on the truncated value (a huge or NaN t converts
+      // to INT32_MIN, which fails q >= 0).
+      __mmask16 m = _mm512_cmp_ps_mask(tx, zero, _CMP_GE_OQ) & _mm512_cmp_ps_mask(ty, zero, _CMP_GE_OQ) &
+                    _mm512_cmp_ps_mask(tz, zero, _CMP_GE_OQ);
+      m &= _mm512_cmpgt_epi32_mask(gx, qx) & _mm512_cmpgt_epi32_mask(gy, qy) & _mm512_cmpgt_epi32_mask(gz, qz);
+      m &= _mm512_cmpge_epi32_mask(qx, zero_i) & _mm512_cmpge_epi32_mask(qy, zero_i) &
+           _mm512_cmpge_epi32_mask(qz, zero_i);
+      __m512i k = _mm512_add_epi32(_mm512_add_epi32(_mm512_mullo_epi32(qx, myz), _mm512_mullo_epi32(qy, mz)), qz);
+      if (bp) {
+        const __m256i b0 = _mm512_cvtepi64_epi32(_mm512_loadu_si512(bp + i));
+        const __m256i b1 = _mm512_cvtepi64_epi32(_mm512_loadu_si512(bp + i + 8));
+        const __m512i bb = _mm512_inserti64x4(_mm512_castsi256_si512(b0), b1, 1);
+        k = _mm512_add_epi32(k, _mm512_mullo_epi32(bb, mxyz));
+      }
+      _mm512_storeu_si512(key + j, _mm512_maskz_compress_epi32(m, k));
+      _mm512_storeu_si512(idx + j,
+                          _mm512_maskz_compress_epi32(m, _mm512_add_epi32(lanes, _mm512_set1_epi32(int32_t(i)))));
+      j += __builtin_popcount(m);
+      if (C10_UNLIKELY(m != 0xFFFF)) {
+        const __mmask16 out = static_cast<__mmask16>(~m);
+        _mm512_mask_storeu_epi64(pv + i, static_cast<__mmask8>(out), minus1);
+        _mm512_mask_storeu_epi64(pv + i + 8, static_cast<__mmask8>(out >> 8), minus1);
+        // finite x, y, z: x - x == 0 (NaN and inf give NaN)
+        const __mmask16 fin = _mm512_cmp_ps_mask(_mm512_sub_ps(x, x), zero, _CMP_EQ_OQ) &
+                              _mm512_cmp_ps_mask(_mm512_sub_ps(y, y), zero, _CMP_EQ_OQ) &
+                              _mm512_cmp_ps_mask(_mm512_sub_ps(zz, zz), zero, _CMP_EQ_OQ);
+        nf += __builtin_popcount(static_cast<unsigned>(out & static_cast<__mmask16>(~fin)));
       }
     }
     *nonfinite += nf;
@@ -307,6 +398,23 @@ struct FastDiv {
     }
     *rem = r;
     return q;
+  }
+};
+
+// k / d and k % d for 32-bit k by 64-bit multiplications (Lemire, Kaser and Kurz, "Faster remainder
+// by direct computation", 2019: with c = ceil(2^64 / d), both are exact for every k < 2^32).
+struct Div32 {
+  uint64_t c;
+  uint32_t d;
+  explicit Div32(uint32_t d_) : c(d_ > 1 ? UINT64_MAX / d_ + 1 : 0), d(d_) {}
+  uint32_t div(uint32_t k, uint32_t* rem) const {
+    if (d == 1) {
+      *rem = 0;
+      return k;
+    }
+    const uint64_t low = c * k;
+    *rem = static_cast<uint32_t>((static_cast<unsigned __int128>(low) * d) >> 64);
+    return static_cast<uint32_t>((static_cast<unsigned __int128>(c) * k) >> 64);
   }
 };
 
@@ -417,29 +525,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       // never changes the results.
       constexpr int64_t kParallelChunks = 2;            // 32768 points
       constexpr int64_t kParallelVoxels = int64_t(1) << 13;
+      // The hash pass is partitioned over threads only from 2^18 valid points (a batch of scans):
+      // it is bound by random accesses to the tables, which on the 2-core development VM scaled
+      // by ~1.4x on two threads, less than the partitioning costs for one ~60k-point scan (A/B:
+      // 0.46-0.60 ms partitioned on 2 threads vs 0.38-0.53 ms sequential).
+      constexpr int64_t kParallelPoints = int64_t(1) << 18;
       const int64_t num_chunks = (n + kChunk - 1) / kChunk;
       K* key = cpu::scratch(key_buf, n);
       int32_t* idx = cpu::scratch(ws.idx, n);
       int64_t* chunk_valid = cpu::scratch(ws.chunk_valid, num_chunks);
       int64_t* chunk_nonfinite = cpu::scratch(ws.chunk_nonfinite, num_chunks);
 #if SPARSECONV_VOXELIZE_AVX2
-      const bool avx2_keys = std::is_same<scalar_t, float>::value && std::is_same<K, uint32_t>::value && c == 4 &&
-                             cpu_has_avx2();
+      // The vector key kernels (float x, y, z, i rows, 32-bit keys): 16 or 2 points per step.
+      const bool vec_keys = std::is_same<scalar_t, float>::value && std::is_same<K, uint32_t>::value && c == 4;
+      const int key_step = !vec_keys ? 0
+                           : std::strcmp(cpu::gemm_rows_isa(), "avx512") == 0 ? 16
+                           : std::strcmp(cpu::gemm_rows_isa(), "avx2") == 0   ? 2
+                                                                              : 0;
 #endif
       at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
           int64_t nf = 0, j = chunk * kChunk, i = chunk * kChunk;
           const int64_t end = std::min(n, (chunk + 1) * kChunk);
 #if SPARSECONV_VOXELIZE_AVX2
-          if (avx2_keys) {
-            Float4KeysAvx2 a{reinterpret_cast<const float*>(p), bp, {float(km.lo[0]), float(km.lo[1]), float(km.lo[2])},
-                             {float(km.vs[0]), float(km.vs[1]), float(km.vs[2])},
-                             {int32_t(grid.X), int32_t(grid.Y), int32_t(grid.Z)},
-                             static_cast<uint32_t>(grid.Y * grid.Z), static_cast<uint32_t>(grid.Z),
-                             static_cast<uint32_t>(grid.X * grid.Y * grid.Z)};
-            const int64_t pairs_end = i + (end - i) / 2 * 2;
-            j = a.run(i, pairs_end, reinterpret_cast<uint32_t*>(key), idx, j, pv, &nf);
-            i = pairs_end;
+          if (key_step) {
+            const Float4Keys fk{reinterpret_cast<const float*>(p), bp,
+                                {float(km.lo[0]), float(km.lo[1]), float(km.lo[2])},
+                                {float(km.vs[0]), float(km.vs[1]), float(km.vs[2])},
+                                {int32_t(grid.X), int32_t(grid.Y), int32_t(grid.Z)},
+                                static_cast<uint32_t>(grid.Y * grid.Z), static_cast<uint32_t>(grid.Z),
+                                static_cast<uint32_t>(grid.X * grid.Y * grid.Z)};
+            const int64_t vec_end = i + (end - i) / key_step * key_step;
+            uint32_t* key32 = reinterpret_cast<uint32_t*>(key);
+            j = key_step == 16 ? fk.run_avx512(i, vec_end, key32, idx, j, pv, &nf)
+                               : fk.run_avx2(i, vec_end, key32, idx, j, pv, &nf);
+            i = vec_end;
           }
 #endif
           for (; i < end; ++i) {
@@ -458,7 +578,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         }
       });
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) valid += chunk_valid[chunk];
-      as.table = KeyTable<K>::make(table_buf, std::min(valid, cap));
       // What the pass keeps of each point:
       //  - kList (padded rows in first-appearance order, small max_points): the points of each
       //    voxel, listed in a [voxel, max_points] table; the rows are then written voxel by voxel,
@@ -496,141 +615,164 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           }
         });
       };
-      // The first-appearance pass split over `groups` groups of consecutive chunks:
-      //  1. in parallel, each group walks its points in order through its own table: local voxel
-      //     ids in local first-appearance order and each point's local rank (group 0 uses the
-      //     global table, so its ids are global and max_voxels applies to it directly);
-      //  2. sequentially, the voxels of groups 1, 2, ... in their local order are looked up in (or
-      //     added to) the global table: this is exactly the global first-appearance order, since
-      //     every point of group g comes after those of groups < g.  A voxel's rank offset in group
-      //     g is its count over the groups before;
-      //  3. in parallel, each point's global voxel and rank (kept when below max_points); the
-      //     running reductions are then computed voxel by voxel over the points in input order, so
-      //     the sums are bit-identical to the sequential pass.
-      auto assign_split = [&](int64_t groups) {
+      // The first-appearance pass split over `parts` partitions of the voxel keys (part_of), one
+      // thread each:
+      //  1. each partition walks, in input order, the valid points whose key falls in it, through its
+      //     own table: local voxel ids in local first-appearance order, the first point of each voxel
+      //     and each point's rank in its voxel.  All the points of a voxel are in one partition, so
+      //     the ranks and the running reductions (in input order) are exactly the sequential pass's;
+      //  2. sequentially, global ids: the partitions' voxels merged by their first point, which is
+      //     the global first-appearance order (max_voxels applies here), or, when no voxel is
+      //     dropped and the rows are put in key order anyway, simply concatenated;
+      //  3. in parallel, the voxels' data and the points' voxels moved to the global ids, and
+      //     max_points applied to the ranks.
+      auto assign_partitioned = [&](int64_t parts) {
         const int64_t mp_lim = as.max_points;
-        as.max_points = INT64_MAX;  // raw ranks and counts first
-        auto& gb = group_bufs<K>(ws);
-        if (static_cast<int64_t>(gb.size()) < groups) gb.resize(groups);
-        std::vector<Assign<K>> gas(groups);
-        int32_t* rank_of = cpu::scratch(ws.pslot, n);  // local, then global rank of each point
-        auto chunk_lo = [&](int64_t g) { return g * num_chunks / groups; };
-        at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-          for (int64_t g = g0; g < g1; ++g) {
-            Assign<K>& a = g == 0 ? as : gas[g];
-            if (g > 0) {
-              int64_t m = 0;
-              for (int64_t chunk = chunk_lo(g); chunk < chunk_lo(g + 1); ++chunk) m += chunk_valid[chunk];
-              a.pv = pv;
-              a.vkey = cpu::scratch(gb[g].vkey, m);
-              a.vcount = cpu::scratch(gb[g].vcount, m);
-              a.vslot = cpu::scratch(gb[g].vslot, m);
-              a.table = KeyTable<K>::make(gb[g].table, m);
-              a.max_voxels = INT64_MAX;
-              a.max_points = INT64_MAX;
-            }
-            for (int64_t chunk = chunk_lo(g); chunk < chunk_lo(g + 1); ++chunk) {
-              a.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk],
-                    [&](int64_t i, int64_t, int32_t s, bool) { rank_of[i] = s; });
-            }
-            if (g > 0) a.clear_table();
-          }
-        });
-        for (int64_t g = 1; g < groups; ++g) {
-          const Assign<K>& a = gas[g];
-          int32_t* gmap = cpu::scratch(gb[g].gmap, a.nv);
-          int32_t* goff = cpu::scratch(gb[g].goff, a.nv);
-          constexpr int64_t kAhead = 32;
-          for (int64_t lv = 0; lv < a.nv; ++lv) {
-            if (lv + kAhead < a.nv) __builtin_prefetch(as.table.slots + 2 * as.table.home(a.vkey[lv + kAhead]));
-            const K k = a.vkey[lv];
-            const int64_t v = as.probe(k, as.table.home(k));
-            gmap[lv] = static_cast<int32_t>(v);
-            if (v < 0) {
-              goff[lv] = 0;
-              as.over_voxels += a.vcount[lv];
-              continue;
-            }
-            goff[lv] = as.vcount[v];
-            as.vcount[v] += a.vcount[lv];
-          }
-        }
-        for (int64_t v = 0; v < as.nv; ++v) {
-          if (as.vcount[v] > mp_lim) {
-            as.over_points += as.vcount[v] - mp_lim;
-            as.vcount[v] = static_cast<int32_t>(mp_lim);
-          }
-        }
-        as.max_points = mp_lim;
-        int32_t* start = nullptr;
-        int32_t* csr = nullptr;
-        if (mode == kAccumulate) {  // the kept points of each voxel, in input order
-          start = cpu::scratch(ws.csr_start, as.nv + 1);
-          start[0] = 0;
-          for (int64_t v = 0; v < as.nv; ++v) start[v + 1] = start[v] + as.vcount[v];
-          csr = cpu::scratch(ws.csr, start[as.nv]);
-        }
-        at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
-          for (int64_t g = g0; g < g1; ++g) {
-            const int32_t* gmap = g > 0 ? gb[g].gmap.data() : nullptr;
-            const int32_t* goff = g > 0 ? gb[g].goff.data() : nullptr;
-            for (int64_t chunk = chunk_lo(g); chunk < chunk_lo(g + 1); ++chunk) {
-              for (int64_t j = chunk * kChunk; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
-                const int64_t i = idx[j];
-                const int64_t lv = pv[i];
-                if (lv < 0) continue;  // group 0: beyond max_voxels
-                const int64_t v = gmap ? gmap[lv] : lv;
-                const int64_t s = (goff ? goff[lv] : 0) + rank_of[i];
-                if (v < 0 || s >= mp_lim) {
-                  pv[i] = -1;
-                  continue;
-                }
-                pv[i] = v;
-                switch (mode) {
-                  case kList:
-                    vpts[v * max_points + s] = static_cast<int32_t>(i);
-                    break;
-                  case kRank:
-                    rank_of[i] = static_cast<int32_t>(s);
-                    break;
-                  case kAccumulate:
-                    csr[start[v] + s] = static_cast<int32_t>(i);
-                    break;
-                  case kNone:
-                    break;
-                }
+        auto& pb = part_bufs<K>(ws);
+        if (static_cast<int64_t>(pb.size()) < parts) pb.resize(parts);
+        std::vector<int64_t> part_nv(parts);
+        // The rank of each point in its voxel (all points, max_points not yet applied).
+        int32_t* rank_of = mode == kRank ? pslot : cpu::scratch(ws.idx_rank, n);
+        at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+          for (int64_t part = p0; part < p1; ++part) {
+            PartBufs<K>& b = pb[part];
+            K* okey = cpu::scratch(b.key, valid);
+            int32_t* oidx = cpu::scratch(b.idx, valid);
+            int64_t m = 0;
+            for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {  // branch-free filter, in order
+              const K* ck = key + chunk * kChunk;
+              const int32_t* ci = idx + chunk * kChunk;
+              for (int64_t j = 0; j < chunk_valid[chunk]; ++j) {
+                okey[m] = ck[j];
+                oidx[m] = ci[j];
+                m += part_of(ck[j], parts) == part;
               }
             }
+            Assign<K> a;
+            a.pv = pv;
+            a.vkey = cpu::scratch(b.vkey, m);
+            a.vcount = cpu::scratch(b.vcount, m);
+            a.vslot = cpu::scratch(b.vslot, m);
+            a.table = KeyTable<K>::make(b.table, m);
+            a.max_voxels = INT64_MAX;
+            a.max_points = INT64_MAX;
+            int32_t* first = cpu::scratch(b.first, m);
+            auto record = [&](int64_t i, int64_t v, int32_t s) {
+              rank_of[i] = s;
+              if (s == 0) first[v] = static_cast<int32_t>(i);
+            };
+            if (mode == kList) {
+              int32_t* lp = cpu::scratch(b.vpts, m * max_points);
+              a.add(okey, oidx, m, [&](int64_t i, int64_t v, int32_t s, bool) {
+                record(i, v, s);
+                if (s < mp_lim) lp[v * max_points + s] = static_cast<int32_t>(i);
+              });
+            } else if (mode == kAccumulate) {
+              scalar_t* la = cpu::scratch(part_acc<scalar_t>(b), m * c);
+              a.add(okey, oidx, m, [&](int64_t i, int64_t v, int32_t s, bool) {
+                record(i, v, s);
+                if (s == 0) {
+                  copy_row<0>(la + v * c, p + i * c, c);
+                } else if (s < mp_lim) {
+                  fold_row<0>(la + v * c, p + i * c, c, reduce);
+                }
+              });
+            } else {
+              a.add(okey, oidx, m, [&](int64_t i, int64_t v, int32_t s, bool) { record(i, v, s); });
+            }
+            a.clear_table();
+            part_nv[part] = a.nv;
           }
         });
-        if (mode == kAccumulate) {
-          auto reduce_voxels = [&](auto cc_tag) {
-            constexpr int CC = decltype(cc_tag)::value;
-            const int64_t cols = CC > 0 ? CC : c;
-            at::parallel_for(0, as.nv, kParallelVoxels, [&](int64_t b, int64_t e) {
-              for (int64_t v = b; v < e; ++v) {
-                const int32_t* list = csr + start[v];
-                const int64_t m = as.vcount[v];
-                scalar_t* a = acc + v * cols;
-                if (m == 0) continue;
-                copy_row<CC>(a, p + list[0] * cols, c);
-                for (int64_t s = 1; s < m; ++s) fold_row<CC>(a, p + list[s] * cols, c, reduce);
-              }
-            });
-          };
-          if (c == 4) {
-            reduce_voxels(std::integral_constant<int, 4>());
-          } else {
-            reduce_voxels(std::integral_constant<int, 0>());
+        // 2. Global ids.
+        int64_t total = 0;
+        for (int64_t part = 0; part < parts; ++part) total += part_nv[part];
+        const int64_t nv_global = std::min(total, as.max_voxels);
+        int32_t* inv_part = cpu::scratch(ws.inv_part, nv_global);
+        int32_t* inv_local = cpu::scratch(ws.inv_local, nv_global);
+        std::vector<int32_t*> gmap(parts);
+        for (int64_t part = 0; part < parts; ++part) gmap[part] = cpu::scratch(pb[part].gmap, part_nv[part]);
+        if (!order_by_first && total <= as.max_voxels) {
+          int64_t g = 0;
+          for (int64_t part = 0; part < parts; ++part) {
+            for (int64_t l = 0; l < part_nv[part]; ++l, ++g) {
+              gmap[part][l] = static_cast<int32_t>(g);
+              inv_part[g] = static_cast<int32_t>(part);
+              inv_local[g] = static_cast<int32_t>(l);
+            }
           }
+        } else {
+          std::vector<int64_t> head(parts, 0);
+          for (int64_t g = 0; g < total; ++g) {
+            int64_t best = -1;
+            int32_t best_first = INT32_MAX;
+            for (int64_t part = 0; part < parts; ++part) {
+              if (head[part] < part_nv[part] && pb[part].first[head[part]] < best_first) {
+                best = part;
+                best_first = pb[part].first[head[part]];
+              }
+            }
+            const int64_t l = head[best]++;
+            gmap[best][l] = g < nv_global ? static_cast<int32_t>(g) : -1;
+            if (g < nv_global) {
+              inv_part[g] = static_cast<int32_t>(best);
+              inv_local[g] = static_cast<int32_t>(l);
+            }
+          }
+        }
+        // 3. Voxel data at the global ids (counts with max_points applied), then the points.
+        at::parallel_for(0, nv_global, kParallelVoxels, [&](int64_t g0, int64_t g1) {
+          for (int64_t g = g0; g < g1; ++g) {
+            PartBufs<K>& b = pb[inv_part[g]];
+            const int64_t l = inv_local[g];
+            as.vkey[g] = b.vkey[l];
+            const int32_t kept = static_cast<int32_t>(std::min<int64_t>(b.vcount[l], mp_lim));
+            as.vcount[g] = kept;
+            if (mode == kList) {
+              std::memcpy(vpts + g * max_points, b.vpts.data() + l * max_points, kept * sizeof(int32_t));
+            } else if (mode == kAccumulate) {
+              std::memcpy(acc + g * c, part_acc<scalar_t>(b).data() + l * c, c * sizeof(scalar_t));
+            }
+          }
+        });
+        std::vector<int64_t> part_over_voxels(parts, 0), part_over_points(parts, 0);
+        at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+          for (int64_t part = p0; part < p1; ++part) {
+            PartBufs<K>& b = pb[part];
+            int64_t ov = 0, op = 0;
+            for (int64_t l = 0; l < part_nv[part]; ++l) {
+              if (gmap[part][l] < 0) {
+                ov += b.vcount[l];
+              } else {
+                op += std::max<int64_t>(0, b.vcount[l] - mp_lim);
+              }
+            }
+            part_over_voxels[part] = ov;
+            part_over_points[part] = op;
+          }
+        });
+        at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t cb, int64_t ce) {
+          for (int64_t chunk = cb; chunk < ce; ++chunk) {
+            for (int64_t j = chunk * kChunk; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
+              const int64_t i = idx[j];
+              const int64_t g = gmap[part_of(key[j], parts)][pv[i]];
+              pv[i] = (g >= 0 && rank_of[i] < mp_lim) ? g : -1;
+            }
+          }
+        });
+        as.nv = nv_global;
+        for (int64_t part = 0; part < parts; ++part) {
+          as.over_voxels += part_over_voxels[part];
+          as.over_points += part_over_points[part];
         }
       };
-      // With several threads and enough points, the pass is split over groups of consecutive
-      // chunks (assign_split below); the result is the same.
-      const int64_t groups = std::min<int64_t>(at::get_num_threads(), num_chunks / kParallelChunks);
-      if (groups > 1) {
-        assign_split(groups);
+      // With several threads and enough points, the pass is split over partitions of the keys
+      // (assign_partitioned above); the result is the same.
+      const int64_t parts = valid >= kParallelPoints ? std::min<int64_t>(at::get_num_threads(), 16) : 1;
+      if (parts > 1) {
+        assign_partitioned(parts);
       } else {
+        as.table = KeyTable<K>::make(table_buf, std::min(valid, cap));
         switch (mode) {
         case kList:
           assign_all([&](int64_t i, int64_t v, int32_t s, bool keep) {
@@ -651,9 +793,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           assign_all([](int64_t, int64_t, int32_t, bool) {});
           break;
         }
+        as.clear_table();
       }
       for (int64_t chunk = 0; chunk < num_chunks; ++chunk) nonfinite += chunk_nonfinite[chunk];
-      as.clear_table();
       over_voxels = as.over_voxels;
       over_points = as.over_points;
       const int64_t nv = as.nv;
@@ -661,20 +803,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       const int32_t* vcount = as.vcount;
 
       // 2. Output order: first appearance (the ids), or (batch, x, y, z) = key order.
-      const int32_t* row_voxel = nullptr;  // output row -> voxel id (null: identity)
       const int32_t* rank = nullptr;       // voxel id -> output row (null: identity)
-      const K* row_key = vkey;
+      const int32_t* row_voxel = nullptr;  // output row -> voxel id (null: identity)
+      const K* row_key = vkey;             // output row -> key
       if (!order_by_first && nv > 1) {
-        K* sk = cpu::scratch(skey_buf, nv);
         int32_t* sv = cpu::scratch(ws.sv, nv);
-        std::copy(vkey, vkey + nv, sk);
-        for (int64_t v = 0; v < nv; ++v) sv[v] = static_cast<int32_t>(v);
-        cpu::radix_sort_pairs(sk, sv, cpu::scratch(skey_tmp_buf, nv), cpu::scratch(ws.sv_tmp, nv), nv,
-                              cpu::bit_width(max_key), ws.hist, 14);
+        K* sk = cpu::scratch(skey_buf, nv);
+        if (std::is_same<K, uint32_t>::value) {
+          // (key, voxel id) packed in one 64-bit word, sorted by the key bits.
+          uint64_t* packed = cpu::scratch(ws.packed, 2 * nv);
+          for (int64_t v = 0; v < nv; ++v) packed[v] = (static_cast<uint64_t>(vkey[v]) << 32) | static_cast<uint64_t>(v);
+          cpu::radix_sort_u64(packed, packed + nv, nv, 32, cpu::bit_width(max_key), ws.hist);
+          for (int64_t r = 0; r < nv; ++r) {
+            sk[r] = static_cast<K>(packed[r] >> 32);
+            sv[r] = static_cast<int32_t>(packed[r] & 0xFFFFFFFFu);
+          }
+        } else {
+          std::copy(vkey, vkey + nv, sk);
+          for (int64_t v = 0; v < nv; ++v) sv[v] = static_cast<int32_t>(v);
+          cpu::radix_sort_pairs(sk, sv, cpu::scratch(skey_tmp_buf, nv), cpu::scratch(ws.sv_tmp, nv), nv,
+                                cpu::bit_width(max_key), ws.hist, 14);
+        }
         int32_t* rk = cpu::scratch(ws.rank, nv);
         for (int64_t r = 0; r < nv; ++r) rk[sv[r]] = static_cast<int32_t>(r);
-        row_voxel = sv;
         rank = rk;
+        row_voxel = sv;
         row_key = sk;
       }
 
@@ -685,60 +838,106 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       int32_t* cp = coords.data_ptr<int32_t>();
       int32_t* cnt = counts.data_ptr<int32_t>();
       scalar_t* fp = feats.data_ptr<scalar_t>();
-      const bool fast_decode = max_key < (uint64_t(1) << 52);
-      const FastDiv dz(grid.Z), dy(grid.Y), dx(grid.X);
-      // Per row: coordinates, count, and the features unless written from the points below.
-      at::parallel_for(0, nv, kParallelVoxels, [&](int64_t b, int64_t e) {
-        for (int64_t r = b; r < e; ++r) {
-          const int64_t v = row_voxel ? row_voxel[r] : r;
-          if (fast_decode) {
-            int64_t key = static_cast<int64_t>(row_key[r]), rem;
-            key = dz.div(key, &rem);
-            cp[4 * r + 3] = static_cast<int32_t>(rem);
-            key = dy.div(key, &rem);
-            cp[4 * r + 2] = static_cast<int32_t>(rem);
-            cp[4 * r + 0] = static_cast<int32_t>(dx.div(key, &rem));
-            cp[4 * r + 1] = static_cast<int32_t>(rem);
-          } else {
-            grid.decode(static_cast<int64_t>(row_key[r]), cp + 4 * r);
-          }
-          const int32_t m = vcount[v];
-          cnt[r] = m;
-          scalar_t* out = fp + r * f;
-          switch (mode) {
-            case kNone:
-              out[0] = static_cast<scalar_t>(m);
-              break;
-            case kRank:
+      // Per row: coordinates, count, and the features unless written from the points below.  One
+      // loop per mode and key width (the per-row work is a few instructions).
+      auto write_rows = [&](auto mode_tag, auto decode) {
+        constexpr int M = decltype(mode_tag)::value;
+        at::parallel_for(0, nv, kParallelVoxels, [&](int64_t b, int64_t e) {
+          // Row by row: the outputs are written sequentially (they are cold); the voxel data, just
+          // written by the pass above, is read through row_voxel, fetched a few rows ahead.
+          constexpr int64_t kAhead = 16;
+          for (int64_t r = b; r < e; ++r) {
+            int64_t v = r;
+            if (row_voxel) {
+              v = row_voxel[r];
+              if (r + kAhead < e) {
+                __builtin_prefetch(vcount + row_voxel[r + kAhead]);
+                if (M == kAccumulate) __builtin_prefetch(acc + row_voxel[r + kAhead] * c);
+              }
+            }
+            decode(row_key[r], cp + 4 * r);
+            const int32_t m = vcount[v];
+            cnt[r] = m;
+            scalar_t* out = fp + r * f;
+            if (M == kList) {  // the padded row, from the listed points (the rows are the voxel ids)
+              const int32_t* list = vpts + v * max_points;
+#if defined(__SSE2__)
+              if (std::is_same<scalar_t, float>::value && c == 4) {
+                float* o = reinterpret_cast<float*>(out);
+                const float* pf = reinterpret_cast<const float*>(p);
+                int64_t s = 0;
+                for (; s < m; ++s) _mm_storeu_ps(o + 4 * s, _mm_loadu_ps(pf + 4 * static_cast<int64_t>(list[s])));
+                for (; s < max_points; ++s) _mm_storeu_ps(o + 4 * s, _mm_setzero_ps());
+                continue;
+              }
+#endif
+              for (int64_t s = 0; s < m; ++s) copy_row<0>(out + s * c, p + list[s] * c, c);
               std::fill(out + m * c, out + f, scalar_t(0));
-              break;
-            case kAccumulate:
-              std::copy(acc + v * c, acc + (v + 1) * c, out);
+            } else if (M == kNone) {
+              out[0] = static_cast<scalar_t>(m);
+            } else if (M == kRank) {
+              std::fill(out + m * c, out + f, scalar_t(0));
+            } else if (M == kAccumulate) {
+              const scalar_t* a = acc + v * c;
               if (reduce == kMean) {
                 const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(m);
-                for (int64_t k = 0; k < c; ++k) out[k] *= inv;
+                for (int64_t k = 0; k < c; ++k) out[k] = a[k] * inv;
+              } else {
+                for (int64_t k = 0; k < c; ++k) out[k] = a[k];
               }
-              break;
-            case kList:
-              break;
+            }
           }
+        });
+      };
+      auto rows_for_mode = [&](auto decode) {
+        switch (mode) {
+          case kList:
+            write_rows(std::integral_constant<int, kList>(), decode);
+            break;
+          case kRank:
+            write_rows(std::integral_constant<int, kRank>(), decode);
+            break;
+          case kAccumulate:
+            write_rows(std::integral_constant<int, kAccumulate>(), decode);
+            break;
+          case kNone:
+            write_rows(std::integral_constant<int, kNone>(), decode);
+            break;
         }
-      });
+      };
+      // Keys are ((b * X + x) * Y + y) * Z + z.
+      if (std::is_same<K, uint32_t>::value) {
+        const Div32 dz(static_cast<uint32_t>(grid.Z)), dy(static_cast<uint32_t>(grid.Y)),
+            dx(static_cast<uint32_t>(grid.X));
+        rows_for_mode([&](K key, int32_t* out) {
+          uint32_t k = static_cast<uint32_t>(key), rem;
+          k = dz.div(k, &rem);
+          out[3] = static_cast<int32_t>(rem);
+          k = dy.div(k, &rem);
+          out[2] = static_cast<int32_t>(rem);
+          out[0] = static_cast<int32_t>(dx.div(k, &rem));
+          out[1] = static_cast<int32_t>(rem);
+        });
+      } else if (max_key < (uint64_t(1) << 52)) {
+        const FastDiv dz(grid.Z), dy(grid.Y), dx(grid.X);
+        rows_for_mode([&](K key, int32_t* out) {
+          int64_t k = static_cast<int64_t>(key), rem;
+          k = dz.div(k, &rem);
+          out[3] = static_cast<int32_t>(rem);
+          k = dy.div(k, &rem);
+          out[2] = static_cast<int32_t>(rem);
+          out[0] = static_cast<int32_t>(dx.div(k, &rem));
+          out[1] = static_cast<int32_t>(rem);
+        });
+      } else {
+        rows_for_mode([&](K key, int32_t* out) { grid.decode(static_cast<int64_t>(key), out); });
+      }
       // The padded rows from the points; point_voxel in output rows.
       auto write_padded = [&](auto cc_tag) {
         constexpr int CC = decltype(cc_tag)::value;
         const int64_t cols = CC > 0 ? CC : c;
-        if (mode == kList) {  // voxel by voxel (the rows are the voxel ids here)
-          at::parallel_for(0, nv, kParallelVoxels, [&](int64_t b, int64_t e) {
-            for (int64_t v = b; v < e; ++v) {
-              const int64_t m = vcount[v];
-              const int32_t* list = vpts + v * max_points;
-              scalar_t* out = fp + v * f;
-              for (int64_t s = 0; s < m; ++s) copy_row<CC>(out + s * cols, p + list[s] * cols, c);
-              std::fill(out + m * cols, out + f, scalar_t(0));
-            }
-          });
-        } else {  // each kept point has its own slot: any split is race-free
+        if (mode == kRank) {  // each kept point has its own slot: any split is race-free (kList rows are
+                              // written above)
           at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t cb, int64_t ce) {
             for (int64_t chunk = cb; chunk < ce; ++chunk) {
               for (int64_t j = chunk * kChunk; j < chunk * kChunk + chunk_valid[chunk]; ++j) {
