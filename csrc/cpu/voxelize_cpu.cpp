@@ -418,6 +418,19 @@ struct Div32 {
   }
 };
 
+// Coordinates (b, x, y, z) of the key ((b * X + x) * Y + y) * Z + z, with the divisions of Div
+// (Div32 for 32-bit keys, FastDiv below 2^52).
+template <typename Div, typename T>
+inline void decode_key(const Div& dz, const Div& dy, const Div& dx, T k, int32_t* out) {
+  T rem;
+  k = dz.div(k, &rem);
+  out[3] = static_cast<int32_t>(rem);
+  k = dy.div(k, &rem);
+  out[2] = static_cast<int32_t>(rem);
+  out[0] = static_cast<int32_t>(dx.div(k, &rem));
+  out[1] = static_cast<int32_t>(rem);
+}
+
 template <int CC, typename scalar_t>
 inline void copy_row(scalar_t* out, const scalar_t* row, int64_t c) {
   if (CC > 0) {
@@ -905,30 +918,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
             break;
         }
       };
-      // Keys are ((b * X + x) * Y + y) * Z + z.
       if (std::is_same<K, uint32_t>::value) {
         const Div32 dz(static_cast<uint32_t>(grid.Z)), dy(static_cast<uint32_t>(grid.Y)),
             dx(static_cast<uint32_t>(grid.X));
-        rows_for_mode([&](K key, int32_t* out) {
-          uint32_t k = static_cast<uint32_t>(key), rem;
-          k = dz.div(k, &rem);
-          out[3] = static_cast<int32_t>(rem);
-          k = dy.div(k, &rem);
-          out[2] = static_cast<int32_t>(rem);
-          out[0] = static_cast<int32_t>(dx.div(k, &rem));
-          out[1] = static_cast<int32_t>(rem);
-        });
+        rows_for_mode([&](K key, int32_t* out) { decode_key(dz, dy, dx, static_cast<uint32_t>(key), out); });
       } else if (max_key < (uint64_t(1) << 52)) {
         const FastDiv dz(grid.Z), dy(grid.Y), dx(grid.X);
-        rows_for_mode([&](K key, int32_t* out) {
-          int64_t k = static_cast<int64_t>(key), rem;
-          k = dz.div(k, &rem);
-          out[3] = static_cast<int32_t>(rem);
-          k = dy.div(k, &rem);
-          out[2] = static_cast<int32_t>(rem);
-          out[0] = static_cast<int32_t>(dx.div(k, &rem));
-          out[1] = static_cast<int32_t>(rem);
-        });
+        rows_for_mode([&](K key, int32_t* out) { decode_key(dz, dy, dx, static_cast<int64_t>(key), out); });
       } else {
         rows_for_mode([&](K key, int32_t* out) { grid.decode(static_cast<int64_t>(key), out); });
       }
