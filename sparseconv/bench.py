@@ -103,6 +103,8 @@ class Settings:
         dense_max_gb: skip a dense peer whose grid x C x 4 bytes x 3 exceeds this.
         dense_max_gflop: skip a dense peer whose dense arithmetic exceeds this per call.
         peak_memory: measure the peak RSS increase of every implementation.
+        back_to_back: time each call right after an untimed call of the same implementation
+            (:func:`time_alternating`).
     """
 
     repeats: int
@@ -113,6 +115,7 @@ class Settings:
     dense_max_gb: float = 4.0
     dense_max_gflop: float = 100.0
     peak_memory: bool = True
+    back_to_back: bool = False
 
 
 @dataclass
@@ -143,14 +146,23 @@ class Built:
     notes: List[str] = field(default_factory=list)
 
 
-def time_alternating(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int) -> Dict[str, List[float]]:
-    """Runs every function ``warmup`` times, then ``repeats`` rounds in which each runs once, in turn."""
+def time_alternating(fns: Dict[str, Callable[[], object]], repeats: int, warmup: int,
+                     back_to_back: bool = False) -> Dict[str, List[float]]:
+    """Runs every function ``warmup`` times, then ``repeats`` rounds in which each runs once, in turn.
+
+    Every timed call follows calls of the other functions, so it starts with whatever they left in
+    the caches.  With ``back_to_back``, each timed call comes right after an untimed call of the
+    same function (its code and buffers warm, as when one implementation processes a stream of
+    scans); the rounds still alternate between the functions.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: Dict[str, List[float]] = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            if back_to_back:
+                fn()
             t0 = time.perf_counter()
             fn()
             times[name].append(1000.0 * (time.perf_counter() - t0))
@@ -1152,7 +1164,8 @@ class Session:
         for text in built.notes:
             self.note(text)
         with torch.set_grad_enabled(built.grad):
-            times = time_alternating({name: p.fn for name, p in built.peers.items()}, s.repeats, s.warmup)
+            times = time_alternating({name: p.fn for name, p in built.peers.items()}, s.repeats, s.warmup,
+                                     s.back_to_back)
         medians = {name: statistics.median(ts) for name, ts in times.items()}
         floor = [name for name, p in built.peers.items() if p.floor]
         mm_rate = None
@@ -1244,6 +1257,9 @@ def build_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.A
                         help="skip a dense peer that needs more GFLOP per call (default 100)")
     parser.add_argument("--no-peak-memory", action="store_true",
                         help="skip the peak-memory measurements (one child process per implementation)")
+    parser.add_argument("--back-to-back", action="store_true",
+                        help="time each call right after an untimed call of the same implementation (warm "
+                             "caches, as in a stream of scans) instead of right after the other implementations")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--smoke", action="store_true",
                         help="tiny run (CI): 1 warm-up, 2 repetitions, 6.4 m crops, C = 16, one scan, "
@@ -1262,7 +1278,8 @@ def run(args) -> int:
     repeats, warmup = (2, 1) if args.smoke else (max(args.repeats, 5), args.warmup)
     settings = Settings(repeats, warmup, smoke=args.smoke, threads=threads,
                         channels=(16,) if args.smoke else tuple(args.channels), dense_max_gb=args.dense_max_gb,
-                        dense_max_gflop=args.dense_max_gflop, peak_memory=not args.no_peak_memory)
+                        dense_max_gflop=args.dense_max_gflop, peak_memory=not args.no_peak_memory,
+                        back_to_back=args.back_to_back)
     scans = load_scans(args.input)
     if args.smoke:
         scans = scans[:1]
@@ -1273,7 +1290,8 @@ def run(args) -> int:
             results += WORKLOADS[name](scans, session)
     info = machine_info()
     print(f"machine: {info}")
-    print(f"repetitions: {repeats} after {warmup} warm-up, alternating; ratios = row median / sparseconv median")
+    order = "back to back (each timed call right after an untimed call of itself)" if args.back_to_back else "alternating"
+    print(f"repetitions: {repeats} after {warmup} warm-up, {order}; ratios = row median / sparseconv median")
     print("GFLOP/s: useful (kernel-map pairs x C_in x C_out x 2, per call) / median; of mm: that / the torch.mm "
           "row's GFLOP/s on the same per-offset GEMM shapes;")
     print(f"peak MB: peak RSS increase of one call in a fresh child process ({probe.method or 'not measured'})")
@@ -1282,6 +1300,7 @@ def run(args) -> int:
         from .io import atomic_write
 
         payload = {"machine": info, "repeats": repeats, "warmup": warmup, "smoke": args.smoke,
+                   "back_to_back": args.back_to_back,
                    "peak_memory_method": probe.method, "notes": session.notes,
                    "results": [{"workload": m.workload, "config": m.config, "impl": m.impl,
                                 "median_ms": m.median_ms, "times_ms": m.times_ms, **m.extra} for m in results]}

@@ -1,12 +1,14 @@
 """The benchmark harness's peers compute what they claim (speed itself is never asserted in tests)."""
+import json
+
 import numpy as np
 import pytest
 import torch
 
 from sparseconv import SparseTensor
 from sparseconv.bench import (BACKBONE_STRIDED, Measurement, _mm_floor, _gemm_gflop, backbone_kernel_maps,
-                              format_table, minkunet, spconv_backbone_kernel_maps, spconv_minkunet,
-                              spconv_state_dict, _spconv_indices)
+                              format_table, main, minkunet, spconv_backbone_kernel_maps, spconv_minkunet,
+                              spconv_state_dict, time_alternating, _spconv_indices)
 
 
 def _random_sites(n, shape, seed=0):
@@ -87,3 +89,24 @@ def test_format_table_shows_ratios_gflops_mm_fraction_and_peak_memory():
     assert "GFLOP/s" in lines[2] and "of mm" in lines[2] and "peak MB" in lines[2]
     assert lines[3].split()[-4:] == ["1.00x", "5.0", "50%", "12.2"]
     assert lines[4].split()[-4:] == ["2.00x", "2.5", "25%", "-"]
+
+
+@pytest.mark.parametrize("back_to_back", [False, True], ids=["alternating", "back-to-back"])
+def test_time_alternating_call_order(back_to_back):
+    calls = []
+    fns = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}
+    times = time_alternating(fns, repeats=3, warmup=1, back_to_back=back_to_back)
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3}
+    assert all(t >= 0 for v in times.values() for t in v)
+    # warm-up a, b; then per round each function once (twice in a row when back to back).
+    round_calls = ["a", "a", "b", "b"] if back_to_back else ["a", "b"]
+    assert calls == ["a", "b"] + round_calls * 3
+
+
+def test_back_to_back_is_recorded_in_the_json(tmp_path, capsys):
+    out = tmp_path / "v.json"
+    assert main(["-w", "voxelize", "--smoke", "--no-peak-memory", "--back-to-back", "--json", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    assert payload["back_to_back"] is True
+    assert {r["workload"] for r in payload["results"]} == {"voxelize"}
+    assert "back to back" in capsys.readouterr().out
