@@ -459,9 +459,10 @@ def test_partitioned_hash_pass_matches_reference(reduce, order_by_first, max_vox
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_every_key_kernel_variant_matches_reference(isa):
     """The point-key kernels (portable, AVX2 two points per step, AVX-512 sixteen per step, picked
-    like the convolution micro-kernels and capped by SPARSECONV_CPU_ISA) give the reference's
-    voxels, with and without a batch, with NaN/inf and out-of-range points and a point count that
-    leaves a remainder after the vector steps."""
+    like the convolution micro-kernels and capped by SPARSECONV_CPU_ISA) and the padded-row writers
+    (16-byte stores, or 64-byte stores of four slots with AVX-512) give the reference's voxels, with
+    and without a batch, with NaN/inf and out-of-range points, a point count that leaves a
+    remainder after the vector steps, and padded sizes that are and are not multiples of four."""
     import json
     import subprocess
     import sys
@@ -482,11 +483,11 @@ def test_every_key_kernel_variant_matches_reference(isa):
         batch = torch.from_numpy(np.random.default_rng(22).integers(0, 3, len(pts)))
         bad = []
         for b, bs in ((None, 1), (batch, 3)):
-            for reduce in ("pad", "mean"):
-                args = (pts, b, (0.2, 0.2, 0.3), (-30, -30, -4), (300, 300, 20), bs, 4, -1, reduce, reduce == "pad")
+            for reduce, mp in (("pad", 4), ("pad", 1), ("pad", 7), ("pad", 32), ("mean", 4)):
+                args = (pts, b, (0.2, 0.2, 0.3), (-30, -30, -4), (300, 300, 20), bs, mp, -1, reduce, reduce == "pad")
                 for got, ref in zip(ops.voxelize(*args), voxelize_reference(*args)):
                     ok = torch.allclose(got, ref, rtol=1e-6, atol=1e-6) if got.is_floating_point() else torch.equal(got, ref)
-                    bad += [] if ok else [reduce]
+                    bad += [] if ok else [reduce + str(mp)]
         print(json.dumps({{"isa": C.cpu_isa(), "bad": bad}}))
     """)
     env = dict(os.environ, SPARSECONV_CPU_ISA=isa)

@@ -304,6 +304,37 @@ struct Float4Keys {
     return j;
   }
 };
+
+// One padded row of float points with 4 columns (the kList rows): the m listed points, then zeros
+// up to max_points slots, written as 64-byte stores of four slots each (a row of 32 slots is 8
+// stores instead of 32; the row writes were bound by the number of stores, cold or warm).
+__attribute__((target("avx512f"))) inline void padded_row_avx512(float* out, const float* p, const int32_t* list,
+                                                                 int64_t m, int64_t max_points) {
+  auto point = [&](int64_t s) { return _mm_loadu_ps(p + 4 * static_cast<int64_t>(list[s])); };
+  int64_t s = 0;
+  for (; s + 4 <= m; s += 4) {
+    __m512 v = _mm512_castps128_ps512(point(s));
+    v = _mm512_insertf32x4(v, point(s + 1), 1);
+    v = _mm512_insertf32x4(v, point(s + 2), 2);
+    v = _mm512_insertf32x4(v, point(s + 3), 3);
+    _mm512_storeu_ps(out + 4 * s, v);
+  }
+  const __m512 zero = _mm512_setzero_ps();
+  if (s < max_points) {  // the group with the last 0-3 points, zero lanes after them
+    __m512 v = zero;
+    const int64_t k = m - s;
+    if (k > 0) v = _mm512_insertf32x4(v, point(s), 0);
+    if (k > 1) v = _mm512_insertf32x4(v, point(s + 1), 1);
+    if (k > 2) v = _mm512_insertf32x4(v, point(s + 2), 2);
+    const int64_t lanes = std::min<int64_t>(4, max_points - s);
+    _mm512_mask_storeu_ps(out + 4 * s, static_cast<__mmask16>((1u << (4 * lanes)) - 1u), v);
+    s += lanes;
+  }
+  for (; s + 4 <= max_points; s += 4) _mm512_storeu_ps(out + 4 * s, zero);
+  if (s < max_points) {
+    _mm512_mask_storeu_ps(out + 4 * s, static_cast<__mmask16>((1u << (4 * (max_points - s))) - 1u), zero);
+  }
+}
 #endif
 
 // The voxels of the valid points in input order: a voxel id on first sight (the first max_voxels
@@ -555,6 +586,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
                            : std::strcmp(cpu::gemm_rows_isa(), "avx512") == 0 ? 16
                            : std::strcmp(cpu::gemm_rows_isa(), "avx2") == 0   ? 2
                                                                               : 0;
+      // Padded rows of float points with 4 columns in 64-byte stores (padded_row_avx512).
+      const bool rows512 = std::is_same<scalar_t, float>::value && c == 4 &&
+                           std::strcmp(cpu::gemm_rows_isa(), "avx512") == 0;
 #endif
       at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
@@ -878,6 +912,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
               if (std::is_same<scalar_t, float>::value && c == 4) {
                 float* o = reinterpret_cast<float*>(out);
                 const float* pf = reinterpret_cast<const float*>(p);
+#if SPARSECONV_VOXELIZE_AVX2
+                if (rows512) {
+                  padded_row_avx512(o, pf, list, m, max_points);
+                  continue;
+                }
+#endif
                 int64_t s = 0;
                 for (; s < m; ++s) _mm_storeu_ps(o + 4 * s, _mm_loadu_ps(pf + 4 * static_cast<int64_t>(list[s])));
                 for (; s < max_points; ++s) _mm_storeu_ps(o + 4 * s, _mm_setzero_ps());
