@@ -307,7 +307,7 @@ struct Float4Keys {
 
 // One padded row of float points with 4 columns (the kList rows): the m listed points, then zeros
 // up to max_points slots, written as 64-byte stores of four slots each (a row of 32 slots is 8
-// stores instead of 32; the row writes were bound by the number of stores, cold or warm).
+// stores instead of 32: with warm caches the row writes were bound by the number of stores).
 __attribute__((target("avx512f"))) inline void padded_row_avx512(float* out, const float* p, const int32_t* list,
                                                                  int64_t m, int64_t max_points) {
   auto point = [&](int64_t s) { return _mm_loadu_ps(p + 4 * static_cast<int64_t>(list[s])); };
