@@ -580,15 +580,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       int64_t* chunk_valid = cpu::scratch(ws.chunk_valid, num_chunks);
       int64_t* chunk_nonfinite = cpu::scratch(ws.chunk_nonfinite, num_chunks);
 #if SPARSECONV_VOXELIZE_AVX2
-      // The vector key kernels (float x, y, z, i rows, 32-bit keys): 16 or 2 points per step.
-      const bool vec_keys = std::is_same<scalar_t, float>::value && std::is_same<K, uint32_t>::value && c == 4;
-      const int key_step = !vec_keys ? 0
-                           : std::strcmp(cpu::gemm_rows_isa(), "avx512") == 0 ? 16
-                           : std::strcmp(cpu::gemm_rows_isa(), "avx2") == 0   ? 2
-                                                                              : 0;
-      // Padded rows of float points with 4 columns in 64-byte stores (padded_row_avx512).
-      const bool rows512 = std::is_same<scalar_t, float>::value && c == 4 &&
-                           std::strcmp(cpu::gemm_rows_isa(), "avx512") == 0;
+      // The vector kernels for float x, y, z, i rows: point keys (32-bit keys) 16 or 2 points per
+      // step, and padded rows in 64-byte stores (padded_row_avx512).
+      const bool float4 = std::is_same<scalar_t, float>::value && c == 4;
+      const bool isa512 = std::strcmp(cpu::gemm_rows_isa(), "avx512") == 0;
+      const bool isa256 = std::strcmp(cpu::gemm_rows_isa(), "avx2") == 0;
+      const int key_step = !(float4 && std::is_same<K, uint32_t>::value) ? 0 : isa512 ? 16 : isa256 ? 2 : 0;
+      const bool rows512 = float4 && isa512;
 #endif
       at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
