@@ -2,7 +2,8 @@
 //
 // voxelize(points [N, C] float, batch [N] int (or None: all 0), voxel_size[3], lower[3], grid[3],
 //          batch_size, max_points, max_voxels, reduce, order_by_first)
-//   -> (coords [V, 4] int32, feats [V, F], point_voxel [N] int64, counts [V] int32, drops [4] int64)
+//   -> (coords [V, 4] int32, feats [V, F] ([V, max_points, C] for "pad"), point_voxel [N] int64, counts [V] int32,
+//       drops [4] int64)
 //
 //   The voxel of a point is floor((p - lower) / voxel_size) per axis, computed in the points'
 //   floating-point type (as spconv's PointToVoxel); it must lie in [0, grid).  Points whose
@@ -14,7 +15,7 @@
 //   when order_by_first.
 //   feats reduce the kept points of each voxel over all C columns: "mean", "max", "sum", "first"
 //   (the first kept point), "count" (F = 1: the number of kept points), or "pad"
-//   (F = max_points * C: the kept points in order, zero-padded; the spconv PointToVoxel layout).
+//   (feats [V, max_points, C]: the kept points in order, zero-padded; the spconv PointToVoxel layout).
 //   point_voxel[i] is the output row of point i or -1 if it was dropped.  counts[v] is the number
 //   of kept points.  drops counts the dropped points by reason: non-finite, outside the grid, voxel
 //   beyond max_voxels, point beyond max_points.

@@ -130,10 +130,10 @@ def _avgpool_backward_fake(grad_out, nbmap, num_in, count_inactive):
 def _voxelize_fake(points, batch, voxel_size, lower, grid, batch_size, max_points, max_voxels, reduce, order_by_first):
     v = torch.library.get_ctx().new_dynamic_size()
     n = points.shape[0]
-    f = 1 if reduce == "count" else (max_points * points.shape[1] if reduce == "pad" else points.shape[1])
+    c = points.shape[1]
     return (
         points.new_empty((v, 4), dtype=torch.int32),
-        points.new_empty((v, f)),
+        points.new_empty((v, max_points, c) if reduce == "pad" else (v, 1 if reduce == "count" else c)),
         points.new_empty((n,), dtype=torch.int64),
         points.new_empty((v,), dtype=torch.int32),
         points.new_empty((4,), dtype=torch.int64),
@@ -572,6 +572,5 @@ def voxelize(points, batch, voxel_size, lower, grid, batch_size: int, max_points
 
     Returns ``(coords, feats, point_voxel, counts, drops)``.
     """
-    return _ops.voxelize(points, batch, [float(v) for v in voxel_size], [float(v) for v in lower],
-                         [int(g) for g in grid], int(batch_size), int(max_points), int(max_voxels), str(reduce),
-                         bool(order_by_first))
+    return _ops.voxelize(points, batch, list(map(float, voxel_size)), list(map(float, lower)), list(map(int, grid)),
+                         int(batch_size), int(max_points), int(max_voxels), str(reduce), bool(order_by_first))

@@ -517,7 +517,8 @@ def voxelize_reference(
     """Reference of :func:`sparseconv.ops.voxelize` (``csrc/voxelize.h``), with a stable sort.
 
     Returns:
-        ``(coords [V, 4] int32, feats [V, F], point_voxel [N] int64, counts [V] int32, drops [4] int64)``.
+        ``(coords [V, 4] int32, feats [V, F], point_voxel [N] int64, counts [V] int32, drops [4] int64)``,
+        with ``feats`` ``[V, max_points, C]`` for ``"pad"``.
     """
     n, c = points.shape
     dt, dev = points.dtype, points.device
@@ -557,7 +558,6 @@ def voxelize_reference(
     elif reduce == "pad":
         feats = points.new_zeros((nv, max_points, c))
         feats[rows, ranks] = pts
-        feats = feats.reshape(nv, max_points * c)
     elif reduce == "first":
         feats = points.new_zeros((nv, c))
         feats[rows[ranks == 0]] = pts[ranks == 0]

@@ -21,18 +21,27 @@ KITTI_POINT_RANGE = (0.0, -40.0, -3.0, 70.4, 40.0, 1.0)
 
 def grid_shape(voxel_size: Sequence[float], point_range: Sequence[float]):
     """Voxel grid ``(X, Y, Z)`` of a point range: ``round((max - min) / voxel_size)`` per axis (spconv, OpenPCDet)."""
+    return _geometry(voxel_size, point_range)[0]
+
+
+def _geometry(voxel_size, point_range):
+    """``(grid, voxel_size, lower)``: the grid as ints, the voxel size and the range's lower corner as float lists.
+
+    Written without comprehensions or generators: it runs on every call of :func:`voxelize`, and
+    between the scans of a pipeline its code is cold (each extra Python frame costs microseconds).
+    """
     if len(voxel_size) != 3:
         raise ValueError(f"voxel_size must have 3 values (x, y, z), got {tuple(voxel_size)}")
     if len(point_range) != 6:
         raise ValueError(f"point_range must be (x_min, y_min, z_min, x_max, y_max, z_max), got {tuple(point_range)}")
-    vs = [float(v) for v in voxel_size]
-    if min(vs) <= 0:
+    vs = list(map(float, voxel_size))
+    r = list(map(float, point_range))
+    if not (vs[0] > 0 and vs[1] > 0 and vs[2] > 0):
         raise ValueError(f"voxel_size must be positive, got {tuple(vs)}")
-    lo, hi = [float(v) for v in point_range[:3]], [float(v) for v in point_range[3:]]
-    grid = tuple(int(round((h - l) / v)) for l, h, v in zip(lo, hi, vs))
+    grid = (round((r[3] - r[0]) / vs[0]), round((r[4] - r[1]) / vs[1]), round((r[5] - r[2]) / vs[2]))
     if min(grid) < 1:
         raise ValueError(f"point_range {tuple(point_range)} is empty for voxel_size {tuple(vs)}: grid {grid}")
-    return grid
+    return grid, vs, r[:3]
 
 
 def _drop_stats(num_points: int, drops: torch.Tensor, counts: torch.Tensor) -> Dict[str, int]:
@@ -55,7 +64,7 @@ def _prepare(points, voxel_size, point_range, max_points_per_voxel, max_voxels, 
         raise ValueError(f"points must be [N, C] with C >= 3 (x, y, z first), got shape {tuple(points.shape)}")
     if not points.is_floating_point():
         raise TypeError(f"points must be floating point, got {points.dtype}")
-    grid = grid_shape(voxel_size, point_range)
+    grid, vs, lower = _geometry(voxel_size, point_range)
     if batch is not None:
         if not isinstance(batch, torch.Tensor) or batch.dim() != 1 or batch.shape[0] != points.shape[0]:
             raise ValueError(f"batch must be a [N] = [{points.shape[0]}] integer tensor, got "
@@ -63,12 +72,13 @@ def _prepare(points, voxel_size, point_range, max_points_per_voxel, max_voxels, 
         if batch_size is None:
             batch_size = int(batch.max()) + 1 if batch.numel() else 1
     batch_size = 1 if batch_size is None else int(batch_size)
-    for name, v in (("max_points_per_voxel", max_points_per_voxel), ("max_voxels", max_voxels)):
-        if v is not None and int(v) < 1:
-            raise ValueError(f"{name} must be >= 1 (or None for no limit), got {v}")
     mp = -1 if max_points_per_voxel is None else int(max_points_per_voxel)
     mv = -1 if max_voxels is None else int(max_voxels)
-    return grid, batch_size, mp, mv
+    if max_points_per_voxel is not None and mp < 1:
+        raise ValueError(f"max_points_per_voxel must be >= 1 (or None for no limit), got {max_points_per_voxel}")
+    if max_voxels is not None and mv < 1:
+        raise ValueError(f"max_voxels must be >= 1 (or None for no limit), got {max_voxels}")
+    return grid, vs, lower, batch_size, mp, mv
 
 
 @dataclass(frozen=True)
@@ -149,19 +159,18 @@ def voxelize(
     """
     if reduce not in REDUCTIONS:
         raise ValueError(f"reduce must be one of {', '.join(REDUCTIONS)}, got {reduce!r}")
-    grid, batch_size, mp, mv = _prepare(points, voxel_size, point_range, max_points_per_voxel, max_voxels, batch,
-                                        batch_size)
-    lower = [float(v) for v in point_range[:3]]
-    coords, feats, point_voxel, counts, drops = ops.voxelize(
-        points, batch, voxel_size, lower, grid, batch_size, mp, mv, reduce, False)
-    geometry = VoxelGeometry(tuple(float(v) for v in voxel_size), tuple(lower))
+    grid, vs, lower, batch_size, mp, mv = _prepare(points, voxel_size, point_range, max_points_per_voxel, max_voxels,
+                                                   batch, batch_size)
+    coords, feats, point_voxel, counts, drops = ops.voxelize(points, batch, vs, lower, grid, batch_size, mp, mv, reduce,
+                                                             False)
+    geometry = VoxelGeometry(tuple(vs), tuple(lower))
     tensor = SparseTensor._from_set(feats, CoordinateSet(coords, grid, (1, 1, 1), batch_size, geometry=geometry))
     offset = None
     if return_centroid_offset:
         mean = feats[:, :3] if reduce == "mean" else ops.voxelize(
-            points[:, :3], batch, voxel_size, lower, grid, batch_size, mp, mv, "mean", False)[1]
+            points[:, :3], batch, vs, lower, grid, batch_size, mp, mv, "mean", False)[1]
         centre = torch.tensor(lower, dtype=points.dtype, device=points.device) + (coords[:, 1:].to(points.dtype) + 0.5) \
-            * torch.tensor([float(v) for v in voxel_size], dtype=points.dtype, device=points.device)
+            * torch.tensor(vs, dtype=points.dtype, device=points.device)
         offset = mean - centre
     return Voxels(tensor, point_voxel, counts if return_counts else None, offset, drops, counts)
 
@@ -212,12 +221,10 @@ def voxelize_padded(
     """
     if max_points_per_voxel is None:
         raise ValueError("voxelize_padded needs max_points_per_voxel (the padded size)")
-    grid, batch_size, mp, mv = _prepare(points, voxel_size, point_range, max_points_per_voxel, max_voxels, batch,
-                                        batch_size)
-    lower = [float(v) for v in point_range[:3]]
-    coords, padded, point_voxel, counts, drops = ops.voxelize(
-        points, batch, voxel_size, lower, grid, batch_size, mp, mv, "pad", True)
-    voxels = padded.view(coords.shape[0], mp, points.shape[1])
+    grid, vs, lower, batch_size, mp, mv = _prepare(points, voxel_size, point_range, max_points_per_voxel, max_voxels,
+                                                   batch, batch_size)
+    coords, voxels, point_voxel, counts, drops = ops.voxelize(points, batch, vs, lower, grid, batch_size, mp, mv, "pad",
+                                                              True)
     return PaddedVoxels(voxels, coords, counts, point_voxel, grid, drops)
 
 

@@ -878,7 +878,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
 
       // 3. Outputs.  Every element is written exactly once (padding zeros included).
       coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
-      feats = at::empty({nv, f}, points.options());
+      feats = reduce == kPad ? at::empty({nv, max_points, c}, points.options()) : at::empty({nv, f}, points.options());
       counts = at::empty({nv}, points.options().dtype(at::kInt));
       int32_t* cp = coords.data_ptr<int32_t>();
       int32_t* cnt = counts.data_ptr<int32_t>();
@@ -1010,7 +1010,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
   });
 
   const int64_t outside = n - nonfinite - valid;
-  at::Tensor drops = at::tensor({nonfinite, outside, over_voxels, over_points}, points.options().dtype(at::kLong));
+  at::Tensor drops = at::empty({4}, points.options().dtype(at::kLong));
+  int64_t* dp = drops.data_ptr<int64_t>();
+  dp[0] = nonfinite;
+  dp[1] = outside;
+  dp[2] = over_voxels;
+  dp[3] = over_points;
   return {coords, feats, point_voxel, counts, drops};
 }
 

@@ -112,9 +112,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       feats = counts.to(dt).unsqueeze(1);
       break;
     case kPad: {
-      feats = at::zeros({nv * max_points, c}, points.options());
-      index_put_distinct(feats, rows * max_points + ranks, pts);
-      feats = feats.view({nv, max_points * c});
+      feats = at::zeros({nv, max_points, c}, points.options());
+      at::Tensor slots = feats.view({nv * max_points, c});  // the same storage, one row per slot
+      index_put_distinct(slots, rows * max_points + ranks, pts);
       break;
     }
     case kFirst: {
