@@ -405,6 +405,30 @@ def test_op_paths_match_reference_with_1_and_2_threads(reduce, order_by_first, m
     _assert_matches_reference_on_every_thread_count(outs, ref)
 
 
+@pytest.mark.parametrize("reduce", ["pad", "mean", "max", "first", "count"])
+@pytest.mark.parametrize("order_by_first", [True, False])
+@pytest.mark.parametrize("max_voxels,direct", [(-1, True), (2800, True), (2600, False), (300, False)])
+def test_pillar_grid_direct_mapped_index_matches_reference(reduce, order_by_first, max_voxels, direct):
+    """Grids of few cells (pillars) look voxels up in a direct-mapped array instead of the hash table
+    (csrc/cpu/voxelize_cpu.cpp: at most 2^21 cells, and at most 16 per voxel the call may create).
+    Both lookups equal the reference on the same points, with batches, NaNs and max_voxels hit."""
+    from sparseconv.reference import voxelize_reference
+
+    rng = np.random.default_rng(23)
+    pts = torch.from_numpy(lidar_like(60000, seed=23))
+    pts[rng.choice(len(pts), 30, replace=False), 1] = float("nan")
+    batch = torch.from_numpy(rng.integers(0, 3, len(pts)))
+    grid = (120, 120, 1)
+    args = (pts, batch, (0.5, 0.5, 8.0), (-30, -30, -4), grid, 3, 4, max_voxels, reduce, order_by_first)
+    cells = 3 * grid[0] * grid[1]
+    cap = len(pts) if max_voxels < 0 else max_voxels
+    assert (cells <= 16 * cap) == direct  # the parameters cover both lookups (the kernel's rule)
+    outs = _both_thread_counts(lambda: ops.voxelize(*args))
+    if max_voxels > 0:
+        assert int(outs[0][4][2]) > 0  # the limit is hit
+    _assert_matches_reference_on_every_thread_count(outs, voxelize_reference(*args))
+
+
 @pytest.mark.parametrize("reduce", ["pad", "mean", "count"])
 @pytest.mark.parametrize("order_by_first", [True, False])
 @pytest.mark.parametrize("max_voxels", [-1, 60000])
