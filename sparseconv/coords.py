@@ -127,8 +127,8 @@ class CoordinateSet:
         geometry: Optional["VoxelGeometry"] = None,
     ):
         self.coords = coords
-        self.spatial_shape = tuple(int(s) for s in spatial_shape)
-        self.stride = tuple(int(s) for s in stride)
+        self.spatial_shape = tuple(map(int, spatial_shape))
+        self.stride = tuple(map(int, stride))
         self.batch_size = int(batch_size)
         self.parent = parent
         self.keyed = {} if keyed is None else keyed
