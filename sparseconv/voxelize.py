@@ -1,6 +1,7 @@
 """Points to voxels and back: :func:`voxelize`, :func:`voxelize_padded`, :func:`devoxelize`."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Dict, Iterator, Optional, Sequence
@@ -38,6 +39,8 @@ def _geometry(voxel_size, point_range):
     r = list(map(float, point_range))
     if not (vs[0] > 0 and vs[1] > 0 and vs[2] > 0):
         raise ValueError(f"voxel_size must be positive, got {tuple(vs)}")
+    if not math.isfinite(sum(r)):
+        raise ValueError(f"point_range must be finite, got {tuple(point_range)}")
     grid = (round((r[3] - r[0]) / vs[0]), round((r[4] - r[1]) / vs[1]), round((r[5] - r[2]) / vs[2]))
     if min(grid) < 1:
         raise ValueError(f"point_range {tuple(point_range)} is empty for voxel_size {tuple(vs)}: grid {grid}")

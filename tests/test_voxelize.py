@@ -307,6 +307,8 @@ def test_devoxelize_after_strided_conv_uses_the_coarse_geometry():
     (dict(voxel_size=(0.1, 0.1)), ValueError, r"voxel_size must have 3 values"),
     (dict(point_range=(0, 0, 0, 1, 1)), ValueError, r"point_range must be"),
     (dict(point_range=(0, 0, 0, 0, 1, 1)), ValueError, r"is empty for voxel_size"),
+    (dict(point_range=(0, 0, float("nan"), 1, 1, 1)), ValueError, r"point_range must be finite"),
+    (dict(point_range=(0, 0, 0, float("inf"), 1, 1)), ValueError, r"point_range must be finite"),
     (dict(reduce="median"), ValueError, r"reduce must be one of"),
     (dict(max_points_per_voxel=0), ValueError, r"max_points_per_voxel must be >= 1"),
     (dict(max_voxels=-3), ValueError, r"max_voxels must be >= 1"),
