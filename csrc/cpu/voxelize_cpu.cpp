@@ -352,13 +352,19 @@ struct Assign {
   int64_t max_voxels, max_points;  // INT64_MAX when unlimited
   int64_t nv = 0, over_voxels = 0, over_points = 0;
 
-  // A new voxel for key k in the direct-mapped array, or -1 beyond max_voxels.
-  int64_t insert_dense(K k) {
+  // A new voxel id for key k (no points yet), or -1 beyond max_voxels.
+  int64_t open_voxel(K k) {
     if (nv >= max_voxels) return -1;
     const int64_t v = nv++;
-    dense[k] = static_cast<int32_t>(v);
     vkey[v] = k;
     vcount[v] = 0;
+    return v;
+  }
+
+  // A new voxel for key k in the direct-mapped array, or -1 beyond max_voxels.
+  int64_t insert_dense(K k) {
+    const int64_t v = open_voxel(k);
+    if (v >= 0) dense[k] = static_cast<int32_t>(v);
     return v;
   }
 
@@ -369,12 +375,10 @@ struct Assign {
       const K s = table.slots[2 * h];
       if (s == k) return static_cast<int64_t>(table.slots[2 * h + 1]);
       if (s == KeyTable<K>::kEmpty) {
-        if (nv >= max_voxels) return -1;
-        const int64_t v = nv++;
+        const int64_t v = open_voxel(k);
+        if (v < 0) return -1;
         table.slots[2 * h] = k;
         table.slots[2 * h + 1] = static_cast<K>(v);
-        vkey[v] = k;
-        vcount[v] = 0;
         vslot[v] = static_cast<int32_t>(h);
         return v;
       }
