@@ -407,6 +407,23 @@ def test_op_paths_match_reference_with_1_and_2_threads(reduce, order_by_first, m
     _assert_matches_reference_on_every_thread_count(outs, ref)
 
 
+@pytest.mark.parametrize("num_points", [2, 300, 5000, 40000, 70000])
+def test_key_order_sort_matches_reference_for_every_digit_width(num_points):
+    """The voxel-key sort (one thread, digits of 8 to 14 bits chosen from the voxel count) puts the
+    voxels in (batch, x, y, z) order for voxel counts from 2 to ~70k on a 27-bit key."""
+    from sparseconv.reference import voxelize_reference
+
+    rng = np.random.default_rng(num_points)
+    grid = (1408, 1600, 40)  # KITTI at SECOND's voxel size: 27-bit keys
+    cells = rng.choice(grid[0] * grid[1] * grid[2], size=num_points, replace=False)
+    xyz = np.stack(np.unravel_index(cells, grid), 1).astype(np.float32) + 0.5
+    pts = torch.from_numpy(np.concatenate([xyz, rng.random((num_points, 1), dtype=np.float32)], 1))
+    args = (pts, None, (1.0, 1.0, 1.0), (0.0, 0.0, 0.0), grid, 1, 5, -1, "mean", False)
+    got, ref = ops.voxelize(*args), voxelize_reference(*args)
+    assert got[0].shape[0] == num_points  # every point opens its own voxel
+    _assert_matches_reference_on_every_thread_count([got], ref)
+
+
 @pytest.mark.parametrize("reduce", ["pad", "mean", "max", "first", "count"])
 @pytest.mark.parametrize("order_by_first", [True, False])
 @pytest.mark.parametrize("max_voxels,direct", [(-1, True), (2800, True), (2600, False), (300, False)])

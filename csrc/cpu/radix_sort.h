@@ -95,27 +95,31 @@ void radix_sort_pairs(K* keys, V* values, K* key_tmp, V* value_tmp, int64_t n, i
 // Sorts keys[0, n) ascending (stable) by bits [lo_bit, lo_bit + bits) only, one thread, using tmp
 // (n elements) as scratch; the sorted data ends in keys.  For a few tens of thousands of keys that
 // carry their payload in the low bits: one array moves instead of two, and one pass over the keys
-// histograms every digit.
+// histograms every digit.  Digits are up to log2(n) bits wide (at most 14), so that a 27-bit key
+// of ~33k elements takes two passes instead of three: with n above the number of buckets, each
+// pass costs about n writes, scattered or not, while the counts stay in L1/L2 (32-bit counts).
 inline void radix_sort_u64(uint64_t* keys, uint64_t* tmp, int64_t n, int lo_bit, int bits,
-                           std::vector<int64_t>& hist, int max_digit_bits = 11) {
+                           std::vector<uint32_t>& hist) {
   if (n < 2 || bits <= 0) return;
+  const int max_digit_bits = std::min(14, std::max(8, bit_width(static_cast<uint64_t>(n)) - 1));
   const int passes = (bits + max_digit_bits - 1) / max_digit_bits;
   const int digit = (bits + passes - 1) / passes;
   const int64_t buckets = int64_t(1) << digit;
   const uint64_t mask = static_cast<uint64_t>(buckets - 1);
-  int64_t* h = scratch(hist, passes * buckets);
-  std::fill(h, h + passes * buckets, 0);
+  uint32_t* h = scratch(hist, passes * buckets);
+  std::fill(h, h + passes * buckets, 0u);
   for (int64_t i = 0; i < n; ++i) {
-    for (int q = 0; q < passes; ++q) ++h[q * buckets + ((keys[i] >> (lo_bit + q * digit)) & mask)];
+    const uint64_t k = keys[i] >> lo_bit;
+    for (int q = 0; q < passes; ++q) ++h[q * buckets + ((k >> (q * digit)) & mask)];
   }
   uint64_t* src = keys;
   uint64_t* dst = tmp;
   for (int q = 0; q < passes; ++q) {
-    int64_t* hq = h + q * buckets;
-    if (hq[(src[0] >> (lo_bit + q * digit)) & mask] == n) continue;  // one digit value: nothing moves
-    int64_t sum = 0;
+    uint32_t* hq = h + q * buckets;
+    if (hq[(src[0] >> (lo_bit + q * digit)) & mask] == static_cast<uint32_t>(n)) continue;  // one digit value
+    uint32_t sum = 0;
     for (int64_t b = 0; b < buckets; ++b) {
-      const int64_t c = hq[b];
+      const uint32_t c = hq[b];
       hq[b] = sum;
       sum += c;
     }

@@ -51,6 +51,7 @@ struct Workspace {
   std::vector<uint64_t> packed, key64, table64, vkey64, skey64, skey64_tmp;
   std::vector<int32_t> idx, idx_rank, pslot, vpts, vcount, vslot, sv, sv_tmp, rank;
   std::vector<int64_t> chunk_valid, chunk_nonfinite, hist;
+  std::vector<uint32_t> hist32;
   std::vector<float> accf;
   std::vector<double> accd;
   std::vector<int32_t> inv_part, inv_local, dense;
@@ -905,7 +906,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           // (key, voxel id) packed in one 64-bit word, sorted by the key bits.
           uint64_t* packed = cpu::scratch(ws.packed, 2 * nv);
           for (int64_t v = 0; v < nv; ++v) packed[v] = (static_cast<uint64_t>(vkey[v]) << 32) | static_cast<uint64_t>(v);
-          cpu::radix_sort_u64(packed, packed + nv, nv, 32, cpu::bit_width(max_key), ws.hist);
+          cpu::radix_sort_u64(packed, packed + nv, nv, 32, cpu::bit_width(max_key), ws.hist32);
           for (int64_t r = 0; r < nv; ++r) {
             sk[r] = static_cast<K>(packed[r] >> 32);
             sv[r] = static_cast<int32_t>(packed[r] & 0xFFFFFFFFu);
