@@ -17,8 +17,7 @@ __all__ = ["voxelize", "voxelize_padded", "devoxelize", "grid_shape", "Voxels", 
 REDUCTIONS = ("mean", "max", "sum", "first", "count")
 
 # The op itself: _prepare has already normalised every argument to the schema's types, so the
-# wrappers below call it without ops.voxelize's second normalisation (one Python frame less on a
-# path whose cold fixed cost is a measurable part of a scan's voxelization).
+# wrappers below call it directly instead of through ops.voxelize, which would normalise them again.
 _voxelize_op = torch.ops.sparseconv.voxelize.default
 
 #: KITTI's standard detection range (OpenPCDet): x, y, z minimum then maximum, metres.
@@ -175,7 +174,7 @@ def voxelize(
     tensor = SparseTensor._from_set(feats, CoordinateSet(coords, grid, (1, 1, 1), batch_size, geometry=geometry))
     offset = None
     if return_centroid_offset:
-        mean = feats[:, :3] if reduce == "mean" else ops.voxelize(
+        mean = feats[:, :3] if reduce == "mean" else _voxelize_op(
             points[:, :3], batch, vs, lower, grid, batch_size, mp, mv, "mean", False)[1]
         centre = torch.tensor(lower, dtype=points.dtype, device=points.device) + (coords[:, 1:].to(points.dtype) + 0.5) \
             * torch.tensor(vs, dtype=points.dtype, device=points.device)
