@@ -499,6 +499,58 @@ def test_partitioned_hash_pass_matches_reference(reduce, order_by_first, max_vox
     _assert_matches_reference_on_every_thread_count(outs, voxelize_reference(*args))
 
 
+def _key_range_case(case):
+    """Inputs of test_key_range_pass_matches_reference: (op args, max_voxels hit)."""
+    rng = np.random.default_rng(31)
+    if case.startswith("scan"):  # LiDAR-like points in scan (azimuth) order, NaNs, three scans
+        pts = lidar_like(80000, seed=31)
+        pts = pts[np.argsort(np.arctan2(pts[:, 1], pts[:, 0]), kind="stable")]
+        pts[rng.choice(len(pts), 40, replace=False), 2] = np.nan
+        batch = torch.from_numpy(np.sort(rng.integers(0, 3, len(pts))))
+        max_voxels = 5000 if case == "scan_max_voxels" else -1
+        return (torch.from_numpy(pts), batch, (0.2, 0.2, 0.2), (-30, -30, -4), (300, 300, 40), 3, 3, max_voxels)
+    if case == "three_voxels":  # every range but a few is empty (the sampled bounds repeat)
+        centres = np.array([[1.5, 1.5, 1.5], [7.5, 2.5, 0.5], [3.5, 9.5, 4.5]], np.float32)
+        xyz = centres[rng.integers(0, 3, 40000)] + rng.uniform(-0.4, 0.4, (40000, 3)).astype(np.float32)
+        pts = np.concatenate([xyz, rng.random((40000, 1), dtype=np.float32)], 1)
+        return (torch.from_numpy(pts), None, (1.0, 1.0, 1.0), (0, 0, 0), (10, 10, 10), 1, 5, -1)
+    if case == "wide_keys":  # a grid of more than 2^32 cells (64-bit keys), float64 points of 5 columns
+        pts = lidar_like(60000, seed=32, c=5).astype(np.float64)
+        return (torch.from_numpy(pts), None, (0.01, 0.01, 0.1), (-60, -60, -4), (12000, 12000, 80), 1, 2, 20000)
+    # pillars: the direct-mapped cells, shared by the ranges (each writes its own), max_voxels hit
+    pts = lidar_like(70000, seed=33)
+    batch = torch.from_numpy(np.sort(rng.integers(0, 2, len(pts))))
+    return (torch.from_numpy(pts), batch, (0.5, 0.5, 8.0), (-30, -30, -4), (120, 120, 1), 2, 4, 2000)
+
+
+@pytest.mark.parametrize("reduce", ["mean", "sum", "max", "first", "count"])
+@pytest.mark.parametrize("case", ["scan", "scan_max_voxels", "three_voxels", "wide_keys", "pillars"])
+def test_key_range_pass_matches_reference(reduce, case):
+    """Key order with at least 2^15 valid points on several threads splits the pass over key ranges
+    (csrc/cpu/voxelize_cpu.cpp, assign_ranges: two ranges per thread, each range from its pass to
+    its rows).  On 1 thread (the sequential pass), 2, 3 and 4 threads the op equals the reference,
+    and the thread counts each other bit for bit: points in scan order with NaNs and three scans,
+    max_points hit, max_voxels hit or not; all points in three voxels (most ranges empty); 64-bit keys
+    with float64 points of 5 columns; a pillar grid (the direct-mapped index)."""
+    from sparseconv.reference import voxelize_reference
+
+    args = _key_range_case(case) + (reduce, False)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3, 4):
+            torch.set_num_threads(threads)
+            outs.append(ops.voxelize(*args))
+    finally:
+        torch.set_num_threads(before)
+    drops = outs[0][4].tolist()
+    assert len(args[0]) - drops[0] - drops[1] >= 2 ** 15  # valid points: the ranges are used
+    assert (drops[2] > 0) == (args[7] > 0)  # max_voxels hit exactly where it is set
+    if case.startswith("scan"):
+        assert drops[3] > 0  # and max_points
+    _assert_matches_reference_on_every_thread_count(outs, voxelize_reference(*args))
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_every_key_kernel_variant_matches_reference(isa):
     """The point-key kernels (portable, AVX2 two points per step, AVX-512 sixteen per step, picked

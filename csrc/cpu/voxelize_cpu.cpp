@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -34,27 +35,74 @@ namespace {
 using Reduce = VoxelReduce;
 
 
-// Scratch of one partition of the voxel keys in the partitioned first-appearance pass (see
-// voxelize_cpu): its points, its own table, its voxels in local first-appearance order, their first
-// points, global ids and (padded rows, running reductions) per-voxel data.
+// Scratch of sort_voxels.
+template <typename K>
+struct SortBufs {
+  std::vector<uint64_t> packed;
+  std::vector<K> skey, skey_tmp;
+  std::vector<int32_t> sv, sv_tmp, rank;
+  std::vector<uint32_t> hist32;
+  std::vector<int64_t> hist;
+};
+
+// Voxels 0 .. nv - 1 with keys vkey[v] (lo <= vkey[v] <= lo + max_rel) put in key order:
+// sb.skey[r] and sb.sv[r] are the key and the voxel of row r, sb.rank[v] the row of voxel v.
+template <typename K>
+void sort_voxels(const K* vkey, int64_t nv, K lo, uint64_t max_rel, SortBufs<K>& sb) {
+  int32_t* sv = cpu::scratch(sb.sv, nv);
+  K* sk = cpu::scratch(sb.skey, nv);
+  if (std::is_same<K, uint32_t>::value) {
+    // (key, voxel id) packed in one 64-bit word, sorted by the key bits.
+    uint64_t* packed = cpu::scratch(sb.packed, 2 * nv);
+    for (int64_t v = 0; v < nv; ++v) {
+      packed[v] = (static_cast<uint64_t>(static_cast<K>(vkey[v] - lo)) << 32) | static_cast<uint64_t>(v);
+    }
+    cpu::radix_sort_u64(packed, packed + nv, nv, 32, cpu::bit_width(max_rel), sb.hist32);
+    for (int64_t r = 0; r < nv; ++r) {
+      sk[r] = static_cast<K>(packed[r] >> 32) + lo;
+      sv[r] = static_cast<int32_t>(packed[r] & 0xFFFFFFFFu);
+    }
+  } else {
+    for (int64_t v = 0; v < nv; ++v) {
+      sk[v] = vkey[v] - lo;
+      sv[v] = static_cast<int32_t>(v);
+    }
+    cpu::radix_sort_pairs(sk, sv, cpu::scratch(sb.skey_tmp, nv), cpu::scratch(sb.sv_tmp, nv), nv,
+                          cpu::bit_width(max_rel), sb.hist, 14);
+    if (lo != 0) {
+      for (int64_t r = 0; r < nv; ++r) sk[r] += lo;
+    }
+  }
+  int32_t* rk = cpu::scratch(sb.rank, nv);
+  for (int64_t r = 0; r < nv; ++r) rk[sv[r]] = static_cast<int32_t>(r);
+}
+
+// Scratch of one partition of the voxel keys in the partitioned passes (see voxelize_cpu): its
+// points, its own table, its voxels in local first-appearance order, their first points, global ids
+// and (padded rows, running reductions) per-voxel data, and the sort of its voxels.
 template <typename K>
 struct PartBufs {
   std::vector<K> key, table, vkey;
   std::vector<int32_t> idx, vcount, vslot, first, gmap, vpts;
   std::vector<double> accd;
   std::vector<float> accf;
+  SortBufs<K> sort;
 };
 
 // Scratch buffers of one calling thread (see voxelize_cpu).
 struct Workspace {
-  std::vector<uint32_t> key32, table32, vkey32, skey32, skey32_tmp;
-  std::vector<uint64_t> packed, key64, table64, vkey64, skey64, skey64_tmp;
-  std::vector<int32_t> idx, idx_rank, pslot, vpts, vcount, vslot, sv, sv_tmp, rank;
-  std::vector<int64_t> chunk_valid, chunk_nonfinite, hist;
-  std::vector<uint32_t> hist32;
+  std::vector<uint32_t> key32, table32, vkey32;
+  std::vector<uint64_t> key64, table64, vkey64;
+  std::vector<int32_t> idx, idx_rank, pslot, vpts, vcount, vslot;
+  std::vector<int64_t> chunk_valid, chunk_nonfinite;
   std::vector<float> accf;
   std::vector<double> accd;
-  std::vector<int32_t> inv_part, inv_local, dense;
+  std::vector<int32_t> inv_part, inv_local, dense, ridx;
+  std::vector<uint32_t> rkey32;
+  std::vector<uint64_t> rkey64;
+  std::vector<int64_t> seg;
+  SortBufs<uint32_t> sort32;
+  SortBufs<uint64_t> sort64;
   std::vector<PartBufs<uint32_t>> parts32;
   std::vector<PartBufs<uint64_t>> parts64;
 };
@@ -66,6 +114,29 @@ std::vector<PartBufs<K>>& part_bufs(Workspace& ws) {
   } else {
     return ws.parts64;
   }
+}
+
+// The voxel keys grouped by key range (see voxelize_cpu).
+template <typename K>
+std::vector<K>& range_keys(Workspace& ws) {
+  if constexpr (std::is_same<K, uint32_t>::value) {
+    return ws.rkey32;
+  } else {
+    return ws.rkey64;
+  }
+}
+
+// At most this many key ranges in voxelize_cpu's range-split pass.
+constexpr int64_t kMaxRanges = 32;
+
+// work(t) for t = 0 .. tasks - 1 on the intra-op threads, each thread taking the next task as it
+// finishes one: a thread that starts late or is descheduled leaves its share to the others.
+template <typename F>
+void run_tasks(int64_t tasks, const F& work) {
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(tasks, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+    for (int64_t t = next.fetch_add(1); t < tasks; t = next.fetch_add(1)) work(t);
+  });
 }
 
 template <typename scalar_t, typename K>
@@ -94,9 +165,9 @@ inline int64_t part_of(K key, int64_t parts) {
 template <typename K>
 struct KeyTable {
   static constexpr K kEmpty = ~K(0);  // also the "dropped point" key: never inserted
-  K* slots;                           // 2 * capacity: key, id, key, id, ...
-  uint64_t mask;
-  int shift;
+  K* slots = nullptr;                 // 2 * capacity: key, id, key, id, ...
+  uint64_t mask = 0;
+  int shift = 0;
 
   static KeyTable make(std::vector<K>& storage, int64_t max_entries) {
     int bits = 10;
@@ -389,16 +460,18 @@ struct Assign {
 
   // Points idx[0, m) (valid, in input order) with keys key[0, m); on_point(i, v, s, kept) is
   // called for each point that has a voxel (s: its rank among the voxel's points so far).
-  template <typename OnPoint>
+  // CountAll: vcount counts every point of a voxel, kept or not (the caller then applies
+  // max_points to the counts); otherwise the kept points only.
+  template <bool CountAll = false, typename OnPoint>
   void add(const K* key, const int32_t* idx, int64_t m, const OnPoint& on_point) {
     if (dense) {
-      add_points<true>(key, idx, m, on_point);
+      add_points<true, CountAll>(key, idx, m, on_point);
     } else {
-      add_points<false>(key, idx, m, on_point);
+      add_points<false, CountAll>(key, idx, m, on_point);
     }
   }
 
-  template <bool Dense, typename OnPoint>
+  template <bool Dense, bool CountAll, typename OnPoint>
   void add_points(const K* key, const int32_t* idx, int64_t m, const OnPoint& on_point_ref) {
     int64_t ov = 0, op = 0;
     // The members and the callback in locals: the int64 stores to pv and the int32 stores to
@@ -438,7 +511,7 @@ struct Assign {
       }
       const int32_t s = count[v];
       const bool keep = s < limit;
-      count[v] = s + keep;
+      count[v] = s + (CountAll ? 1 : keep);
       op += !keep;
       point_voxel[i] = keep ? v : -1;
       on_point(i, v, s, keep);
@@ -535,6 +608,21 @@ inline void fold_row(scalar_t* a, const scalar_t* row, int64_t c, Reduce reduce)
   }
 }
 
+// What the row loop of voxelize_cpu reads and writes: output row r is the voxel row_voxel[r] (r
+// itself when null) with key row_key[r]; its outputs are at coords + 4 r, counts + r and
+// feats + r * (features per row).
+template <typename K, typename scalar_t>
+struct RowSrc {
+  const int32_t* row_voxel;
+  const K* row_key;
+  const int32_t* vcount;  // points of each voxel (those beyond max_points are not kept)
+  const int32_t* lists;   // padded rows from lists: [voxel, max_points] point indices
+  const scalar_t* acc;    // reductions: [voxel, C] running reductions
+  int32_t* coords;
+  int32_t* counts;
+  scalar_t* feats;
+};
+
 template <typename scalar_t>
 std::vector<scalar_t>& acc_buf(Workspace& ws) {
   if constexpr (std::is_same<scalar_t, float>::value) {
@@ -593,8 +681,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
   AT_DISPATCH_FLOATING_TYPES(points.scalar_type(), "sparseconv_voxelize", [&] {
     const scalar_t* p = points.data_ptr<scalar_t>();
     auto run = [&](auto key_tag, std::vector<decltype(key_tag)>& key_buf, std::vector<decltype(key_tag)>& table_buf,
-                   std::vector<decltype(key_tag)>& vkey_buf, std::vector<decltype(key_tag)>& skey_buf,
-                   std::vector<decltype(key_tag)>& skey_tmp_buf) {
+                   std::vector<decltype(key_tag)>& vkey_buf, SortBufs<decltype(key_tag)>& sort_bufs) {
       using K = decltype(key_tag);
       const KeyMaker<scalar_t, K> km(p, c, bp, grid, lower, voxel_size);
       const int64_t cap = max_voxels >= 0 ? std::min(n, max_voxels) : n;  // voxels at most
@@ -616,10 +703,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       // never changes the results.
       constexpr int64_t kParallelChunks = 2;            // 32768 points
       constexpr int64_t kParallelVoxels = int64_t(1) << 13;
-      // The hash pass is partitioned over threads only from 2^18 valid points (a batch of scans):
-      // it is bound by random accesses to the tables, which on the 2-core development VM scaled
-      // by ~1.4x on two threads, less than the partitioning costs for one ~60k-point scan (A/B:
-      // 0.46-0.60 ms partitioned on 2 threads vs 0.38-0.53 ms sequential).
+      // In first-appearance order (the padded layout) the hash pass is partitioned over threads
+      // only from 2^18 valid points (a batch of scans): it is bound by random accesses to the
+      // tables, which on the 2-core development VM scaled by ~1.4x on two threads, less than the
+      // partitioning and the merge by first point cost for one ~60k-point scan (A/B: 0.46-0.60 ms
+      // partitioned on 2 threads vs 0.38-0.53 ms sequential).  Key order splits the keys into
+      // ranges from 2^15 valid points instead (assign_ranges below: no merge, and the key sort and
+      // the rows split too).
       constexpr int64_t kParallelPoints = int64_t(1) << 18;
       const int64_t num_chunks = (n + kChunk - 1) / kChunk;
       K* key = cpu::scratch(key_buf, n);
@@ -693,20 +783,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           as.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk], on_point);
         }
       };
-      auto accumulate = [&](auto cc_tag) {
+      // The callback that folds each kept point into its voxel's running reduction in acc_rows.
+      auto folder = [&](auto cc_tag, scalar_t* acc_rows) {
         constexpr int CC = decltype(cc_tag)::value;
         const int64_t cols = CC > 0 ? CC : c;
-        assign_all([p, acc, cols, c, reduce](int64_t i, int64_t v, int32_t s, bool keep) {
+        return [p, acc_rows, cols, c, reduce](int64_t i, int64_t v, int32_t s, bool keep) {
           if (!keep) return;
           const scalar_t* row = p + i * cols;
-          scalar_t* a = acc + v * cols;
+          scalar_t* a = acc_rows + v * cols;
           if (s == 0) {
             copy_row<CC>(a, row, c);
           } else {
             fold_row<CC>(a, row, c, reduce);
           }
-        });
+        };
       };
+      auto accumulate = [&](auto cc_tag) { assign_all(folder(cc_tag, acc)); };
       // The first-appearance pass split over `parts` partitions of the voxel keys (part_of), one
       // thread each:
       //  1. each partition walks, in input order, the valid points whose key falls in it, through its
@@ -858,19 +950,327 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           as.over_points += part_over_points[part];
         }
       };
+      // Grids of at most kDenseCells cells (pillar grids), and not many more cells than points, index
+      // the voxels by a direct-mapped array: one load per point, no hashing or probing, and
+      // neighbouring cells share cache lines (the hash table spreads them on purpose).
+      constexpr uint64_t kDenseCells = uint64_t(1) << 21, kDenseCellsPerPoint = 16;
+      const uint64_t cells = max_key + 1;
+      const bool use_dense =
+          cells <= kDenseCells && cells <= kDenseCellsPerPoint * static_cast<uint64_t>(std::min(valid, cap));
+      if (use_dense && ws.dense.size() < cells) ws.dense.resize(cells, -1);  // new cells start empty
+      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) nonfinite += chunk_nonfinite[chunk];
+
+      // Output rows [b, e) from the voxel data in `src`: coordinates, count, and the features unless
+      // written from the points below.  One loop per mode and key width (the per-row work is a few
+      // instructions).
+      const int32_t kept_limit = static_cast<int32_t>(std::min<int64_t>(as.max_points, INT32_MAX));
+      auto row_loop = [&](auto mode_tag, const auto& decode, const RowSrc<K, scalar_t>& src, int64_t b, int64_t e) {
+        constexpr int M = decltype(mode_tag)::value;
+        // Row by row: the outputs are written sequentially (they are cold); the voxel data, just
+        // written by the pass above, is read through row_voxel, fetched a few rows ahead.
+        // Everything the loop reads is copied into locals first: read through the captures, the
+        // int32 and float row stores may alias them (the decoders' uint32 divisors among them), and
+        // the compiler reloaded them after every store (A/B, padded rows at SECOND settings, 1
+        // thread: 0.50 -> 0.40 ms warm and 0.52 -> 0.46 ms cold on scan 000001, 0.41 -> 0.35 ms
+        // warm and 0.45 -> 0.42 ms cold on scan 000002).
+        const auto dec = decode;  // holds its divisors by value
+        const int32_t* const rvox = src.row_voxel;
+        const K* const rkey = src.row_key;
+        const int32_t* const vcnt = src.vcount;
+        const int32_t* const lists = src.lists;
+        const scalar_t* const pts = p;
+        const scalar_t* const accs = src.acc;
+        int32_t* const out_coords = src.coords;
+        int32_t* const out_counts = src.counts;
+        scalar_t* const out_feats = src.feats;
+        const int64_t cols = c, width = f, slots = max_points;
+        const int32_t limit = kept_limit;
+        const bool mean = reduce == kMean;
+#if SPARSECONV_VOXELIZE_AVX2
+        const bool avx512_rows = rows512;
+#endif
+        constexpr int64_t kAhead = 16;
+        for (int64_t r = b; r < e; ++r) {
+          int64_t v = r;
+          if (rvox) {
+            v = rvox[r];
+            if (r + kAhead < e) {
+              __builtin_prefetch(vcnt + rvox[r + kAhead]);
+              if (M == kAccumulate) __builtin_prefetch(accs + rvox[r + kAhead] * cols);
+            }
+          }
+          dec(rkey[r], out_coords + 4 * r);
+          const int32_t m = std::min(vcnt[v], limit);
+          out_counts[r] = m;
+          scalar_t* out = out_feats + r * width;
+          if (M == kList) {  // the padded row, from the listed points (the rows are the voxel ids)
+            const int32_t* list = lists + v * slots;
+#if defined(__SSE2__)
+            if (std::is_same<scalar_t, float>::value && cols == 4) {
+              float* o = reinterpret_cast<float*>(out);
+              const float* pf = reinterpret_cast<const float*>(pts);
+#if SPARSECONV_VOXELIZE_AVX2
+              if (avx512_rows) {
+                padded_row_avx512(o, pf, list, m, slots);
+                continue;
+              }
+#endif
+              int64_t s = 0;
+              for (; s < m; ++s) _mm_storeu_ps(o + 4 * s, _mm_loadu_ps(pf + 4 * static_cast<int64_t>(list[s])));
+              for (; s < slots; ++s) _mm_storeu_ps(o + 4 * s, _mm_setzero_ps());
+              continue;
+            }
+#endif
+            for (int64_t s = 0; s < m; ++s) copy_row<0>(out + s * cols, pts + list[s] * cols, cols);
+            std::fill(out + m * cols, out + width, scalar_t(0));
+          } else if (M == kNone) {
+            out[0] = static_cast<scalar_t>(m);
+          } else if (M == kRank) {
+            std::fill(out + m * cols, out + width, scalar_t(0));
+          } else if (M == kAccumulate) {
+            const scalar_t* a = accs + v * cols;
+            if (mean) {
+              const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(m);
+              for (int64_t k = 0; k < cols; ++k) out[k] = a[k] * inv;
+            } else {
+              for (int64_t k = 0; k < cols; ++k) out[k] = a[k];
+            }
+          }
+        }
+      };
+      // fn(decode, mode_tag) with this grid's key decoder and the mode as a type.
+      auto with_row_kind = [&](const auto& fn) {
+        auto for_mode = [&](const auto& decode) {
+          switch (mode) {
+            case kList:
+              fn(decode, std::integral_constant<int, kList>());
+              break;
+            case kRank:
+              fn(decode, std::integral_constant<int, kRank>());
+              break;
+            case kAccumulate:
+              fn(decode, std::integral_constant<int, kAccumulate>());
+              break;
+            case kNone:
+              fn(decode, std::integral_constant<int, kNone>());
+              break;
+          }
+        };
+        if (std::is_same<K, uint32_t>::value) {
+          const Div32 dz(static_cast<uint32_t>(grid.Z)), dy(static_cast<uint32_t>(grid.Y)),
+              dx(static_cast<uint32_t>(grid.X));
+          for_mode([=](K key, int32_t* out) { decode_key(dz, dy, dx, static_cast<uint32_t>(key), out); });
+        } else if (max_key < (uint64_t(1) << 52)) {
+          const FastDiv dz(grid.Z), dy(grid.Y), dx(grid.X);
+          for_mode([=](K key, int32_t* out) { decode_key(dz, dy, dx, static_cast<int64_t>(key), out); });
+        } else {
+          for_mode([=](K key, int32_t* out) { grid.decode(static_cast<int64_t>(key), out); });
+        }
+      };
+      auto allocate_outputs = [&](int64_t nv) {
+        coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
+        feats = reduce == kPad ? at::empty({nv, max_points, c}, points.options()) : at::empty({nv, f}, points.options());
+        counts = at::empty({nv}, points.options().dtype(at::kInt));
+      };
+
+      // Key order with several threads (voxelize's layouts, not the padded one): the keys are split
+      // into `parts` ranges with about as many points each (quantiles of a sample of the keys), and
+      // each range is handled by one thread from the pass to its rows:
+      //  0. the points of every chunk grouped by range (in parallel over chunks, stable);
+      //  1. a range's points, in input order, through its own table (or its cells of the
+      //     direct-mapped array): local voxel ids in local first-appearance order, each voxel's
+      //     first point, all its points counted and the first max_points kept (a voxel's points all
+      //     fall in one range, so the kept points and the running reductions are exactly the
+      //     sequential pass's);
+      //  2. (sequentially) with more voxels than max_voxels, the voxels to keep: the first max_voxels
+      //     in order of first point, merged over the ranges (in each range a prefix of its ids).
+      //     Each range's rows follow those of the ranges below it, since its keys are larger;
+      //  3. a range's voxels sorted by key and written as rows, and its points' voxels moved to
+      //     those rows.
+      // There are two ranges per thread, taken by the threads as they finish one (run_tasks), the
+      // ranges with most voxels first in step 3: near the sensor a range of points holds far fewer
+      // voxels than one far away (KITTI scan 000002 at SECOND settings split in two: 11.7k and 21k
+      // voxels).  The result is the sequential path's.  A/B on 2 threads, mean at SECOND settings:
+      // 0.96-1.06 -> 0.73-0.80 ms back to back, 1.43-1.65 -> 1.24-1.31 ms cold (docs/benchmarks.md).
+      auto assign_ranges = [&](int64_t parts) {
+        auto& pb = part_bufs<K>(ws);  // the calling thread's workspace (`ws` inside the parallel
+                                      // regions would name each worker's own)
+        if (static_cast<int64_t>(pb.size()) < parts) pb.resize(parts);
+        int32_t* const dense_cells = use_dense ? ws.dense.data() : nullptr;
+        // Range q holds the keys k with bound[q] <= k < bound[q + 1].
+        std::vector<K> bound(parts + 1);
+        {
+          const int64_t stride = std::max<int64_t>(1, valid / 512);
+          std::vector<K> sample;
+          sample.reserve(valid / stride + 1);
+          int64_t seen = 0, next = 0;  // the valid points 0, stride, 2 stride, ...
+          for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+            for (; next < seen + chunk_valid[chunk]; next += stride) sample.push_back(key[chunk * kChunk + next - seen]);
+            seen += chunk_valid[chunk];
+          }
+          std::sort(sample.begin(), sample.end());
+          bound[0] = 0;
+          for (int64_t q = 1; q < parts; ++q) bound[q] = sample[static_cast<size_t>(sample.size() * q / parts)];
+          bound[parts] = static_cast<K>(max_key + 1);  // max_key < the largest K
+        }
+        // 0. Chunk c's points of range q are rkey/ridx[seg[c][q], seg[c][q + 1]) (in chunk c's slice).
+        const int64_t stride_seg = parts + 1;
+        K* rkey = cpu::scratch(range_keys<K>(ws), n);
+        int32_t* ridx = cpu::scratch(ws.ridx, n);
+        int64_t* seg = cpu::scratch(ws.seg, num_chunks * stride_seg);
+        const K* const bnd = bound.data();
+        at::parallel_for(0, num_chunks, 1, [&](int64_t cb, int64_t ce) {
+          std::vector<uint8_t> of(kChunk);  // each point's range
+          for (int64_t chunk = cb; chunk < ce; ++chunk) {
+            const int64_t base = chunk * kChunk, cv = chunk_valid[chunk];
+            const K* ck = key + base;
+            const int32_t* ci = idx + base;
+            int64_t pos[kMaxRanges + 1] = {};
+            for (int64_t j = 0; j < cv; ++j) {
+              int64_t q = 0;
+              for (int64_t t = 1; t < parts; ++t) q += ck[j] >= bnd[t];
+              of[j] = static_cast<uint8_t>(q);
+              ++pos[q + 1];
+            }
+            int64_t* sg = seg + chunk * stride_seg;
+            pos[0] = base;
+            for (int64_t q = 0; q < parts; ++q) pos[q + 1] += pos[q];
+            std::copy(pos, pos + parts + 1, sg);
+            for (int64_t j = 0; j < cv; ++j) {
+              const int64_t at = pos[of[j]]++;
+              rkey[at] = ck[j];
+              ridx[at] = ci[j];
+            }
+          }
+        });
+        const int64_t mp_lim = as.max_points;
+        std::vector<int64_t> part_nv(parts);
+        // 1. The pass, range by range.
+        run_tasks(parts, [&](int64_t q) {
+          PartBufs<K>& b = pb[q];
+          int64_t m = 0;  // points in the range
+          for (int64_t chunk = 0; chunk < num_chunks; ++chunk) m += seg[chunk * stride_seg + q + 1] - seg[chunk * stride_seg + q];
+          Assign<K> a;
+          a.pv = pv;
+          a.vkey = cpu::scratch(b.vkey, m);
+          a.vcount = cpu::scratch(b.vcount, m);
+          a.vslot = cpu::scratch(b.vslot, m);
+          a.max_voxels = INT64_MAX;
+          a.max_points = mp_lim;
+          if (dense_cells) {
+            a.dense = dense_cells;  // the ranges' cells are disjoint
+          } else {
+            a.table = KeyTable<K>::make(b.table, m);
+          }
+          int32_t* first = cpu::scratch(b.first, m);
+          auto add = [&](const auto& on_point) {
+            auto record = [first, on_point](int64_t i, int64_t v, int32_t s, bool keep) {
+              if (s == 0) first[v] = static_cast<int32_t>(i);
+              on_point(i, v, s, keep);
+            };
+            for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+              const int64_t s0 = seg[chunk * stride_seg + q], s1 = seg[chunk * stride_seg + q + 1];
+              a.template add<true>(rkey + s0, ridx + s0, s1 - s0, record);
+            }
+          };
+          if (mode == kAccumulate) {
+            scalar_t* la = cpu::scratch(part_acc<scalar_t>(b), m * c);
+            if (c == 4) {
+              add(folder(std::integral_constant<int, 4>(), la));
+            } else {
+              add(folder(std::integral_constant<int, 0>(), la));
+            }
+          } else {
+            add([](int64_t, int64_t, int32_t, bool) {});
+          }
+          a.clear_table();
+          part_nv[q] = a.nv;
+        });
+        // 2. The voxels kept in each range: ids 0 .. kept[q] - 1.
+        std::vector<int64_t> kept(part_nv);
+        int64_t total = 0;
+        for (int64_t q = 0; q < parts; ++q) total += part_nv[q];
+        if (total > as.max_voxels) {
+          std::fill(kept.begin(), kept.end(), 0);
+          for (int64_t g = 0; g < as.max_voxels; ++g) {
+            int64_t best = -1;
+            int32_t best_first = INT32_MAX;
+            for (int64_t q = 0; q < parts; ++q) {
+              if (kept[q] < part_nv[q] && pb[q].first[kept[q]] < best_first) {
+                best = q;
+                best_first = pb[q].first[kept[q]];
+              }
+            }
+            ++kept[best];
+          }
+        }
+        std::vector<int64_t> row0(parts + 1, 0), order(parts);
+        for (int64_t q = 0; q < parts; ++q) {
+          row0[q + 1] = row0[q] + kept[q];
+          order[q] = q;
+        }
+        std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return kept[x] > kept[y]; });
+        allocate_outputs(row0[parts]);
+        int32_t* cp = coords.data_ptr<int32_t>();
+        int32_t* cnt = counts.data_ptr<int32_t>();
+        scalar_t* fp = feats.data_ptr<scalar_t>();
+        // 3. Rows and points, range by range.
+        std::vector<int64_t> part_ov(parts, 0), part_op(parts, 0);
+        run_tasks(parts, [&](int64_t t) {
+          const int64_t q = order[t];
+          PartBufs<K>& b = pb[q];
+          const K lo = bound[q], span = bound[q + 1] - bound[q];
+          const int64_t nk = kept[q], off = row0[q];
+          sort_voxels(b.vkey.data(), nk, lo, span > 0 ? static_cast<uint64_t>(span - 1) : 0, b.sort);
+          const RowSrc<K, scalar_t> src{b.sort.sv.data(),
+                                        b.sort.skey.data(),
+                                        b.vcount.data(),
+                                        nullptr,
+                                        mode == kAccumulate ? part_acc<scalar_t>(b).data() : nullptr,
+                                        cp + 4 * off,
+                                        cnt + off,
+                                        fp + off * f};
+          with_row_kind([&](const auto& decode, auto mode_tag) { row_loop(mode_tag, decode, src, 0, nk); });
+          const int32_t* vc = b.vcount.data();
+          int64_t ov = 0, op = 0;
+          for (int64_t v = 0; v < nk; ++v) op += std::max<int64_t>(0, vc[v] - mp_lim);
+          for (int64_t v = nk; v < part_nv[q]; ++v) ov += vc[v];
+          part_ov[q] = ov;
+          part_op[q] = op;
+          static const int32_t kNoRank = 0;
+          const int32_t* rk = nk > 0 ? b.sort.rank.data() : &kNoRank;  // read (and ignored) below
+          for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+            const int64_t s0 = seg[chunk * stride_seg + q], s1 = seg[chunk * stride_seg + q + 1];
+            for (int64_t j = s0; j < s1; ++j) {
+              // Without a branch on whether the point was kept (unpredictable in dense voxels).
+              const int64_t i = ridx[j];
+              const int64_t lv = pv[i];
+              const bool in = static_cast<uint64_t>(lv) < static_cast<uint64_t>(nk);  // -1: not kept
+              const int64_t row = off + rk[in ? lv : 0];
+              pv[i] = in ? row : -1;
+            }
+          }
+        });
+        for (int64_t q = 0; q < parts; ++q) {
+          over_voxels += part_ov[q];
+          over_points += part_op[q];
+        }
+      };
+      // Key order with two threads or more and enough points: assign_ranges, which writes everything.
+      constexpr int64_t kRangePoints = int64_t(1) << 15;
+      if (!order_by_first && (mode == kAccumulate || mode == kNone) && valid >= kRangePoints &&
+          at::get_num_threads() > 1 && !at::in_parallel_region()) {
+        assign_ranges(std::min<int64_t>(2 * at::get_num_threads(), kMaxRanges));
+        return;
+      }
+
       // With several threads and enough points, the pass is split over partitions of the keys
       // (assign_partitioned above); the result is the same.
       const int64_t parts = valid >= kParallelPoints ? std::min<int64_t>(at::get_num_threads(), 16) : 1;
       if (parts > 1) {
         assign_partitioned(parts);
       } else {
-        // Grids of at most kDenseCells cells (pillar grids), and not many more cells than points,
-        // index the voxels by a direct-mapped array: one load per point, no hashing or probing, and
-        // neighbouring cells share cache lines (the hash table spreads them on purpose).
-        constexpr uint64_t kDenseCells = uint64_t(1) << 21, kDenseCellsPerPoint = 16;
-        const uint64_t cells = max_key + 1;
-        if (cells <= kDenseCells && cells <= kDenseCellsPerPoint * static_cast<uint64_t>(std::min(valid, cap))) {
-          if (ws.dense.size() < cells) ws.dense.resize(cells, -1);  // new cells start empty
+        if (use_dense) {
           as.dense = ws.dense.data();
         } else {
           as.table = KeyTable<K>::make(table_buf, std::min(valid, cap));
@@ -897,7 +1297,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         }
         as.clear_table();
       }
-      for (int64_t chunk = 0; chunk < num_chunks; ++chunk) nonfinite += chunk_nonfinite[chunk];
       over_voxels = as.over_voxels;
       over_points = as.over_points;
       const int64_t nv = as.nv;
@@ -909,140 +1308,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       const int32_t* row_voxel = nullptr;  // output row -> voxel id (null: identity)
       const K* row_key = vkey;             // output row -> key
       if (!order_by_first && nv > 1) {
-        int32_t* sv = cpu::scratch(ws.sv, nv);
-        K* sk = cpu::scratch(skey_buf, nv);
-        if (std::is_same<K, uint32_t>::value) {
-          // (key, voxel id) packed in one 64-bit word, sorted by the key bits.
-          uint64_t* packed = cpu::scratch(ws.packed, 2 * nv);
-          for (int64_t v = 0; v < nv; ++v) packed[v] = (static_cast<uint64_t>(vkey[v]) << 32) | static_cast<uint64_t>(v);
-          cpu::radix_sort_u64(packed, packed + nv, nv, 32, cpu::bit_width(max_key), ws.hist32);
-          for (int64_t r = 0; r < nv; ++r) {
-            sk[r] = static_cast<K>(packed[r] >> 32);
-            sv[r] = static_cast<int32_t>(packed[r] & 0xFFFFFFFFu);
-          }
-        } else {
-          std::copy(vkey, vkey + nv, sk);
-          for (int64_t v = 0; v < nv; ++v) sv[v] = static_cast<int32_t>(v);
-          cpu::radix_sort_pairs(sk, sv, cpu::scratch(skey_tmp_buf, nv), cpu::scratch(ws.sv_tmp, nv), nv,
-                                cpu::bit_width(max_key), ws.hist, 14);
-        }
-        int32_t* rk = cpu::scratch(ws.rank, nv);
-        for (int64_t r = 0; r < nv; ++r) rk[sv[r]] = static_cast<int32_t>(r);
-        rank = rk;
-        row_voxel = sv;
-        row_key = sk;
+        sort_voxels(vkey, nv, K(0), max_key, sort_bufs);
+        rank = sort_bufs.rank.data();
+        row_voxel = sort_bufs.sv.data();
+        row_key = sort_bufs.skey.data();
       }
 
       // 3. Outputs.  Every element is written exactly once (padding zeros included).
-      coords = at::empty({nv, 4}, points.options().dtype(at::kInt));
-      feats = reduce == kPad ? at::empty({nv, max_points, c}, points.options()) : at::empty({nv, f}, points.options());
-      counts = at::empty({nv}, points.options().dtype(at::kInt));
+      allocate_outputs(nv);
       int32_t* cp = coords.data_ptr<int32_t>();
       int32_t* cnt = counts.data_ptr<int32_t>();
       scalar_t* fp = feats.data_ptr<scalar_t>();
-      // Per row: coordinates, count, and the features unless written from the points below.  One
-      // loop per mode and key width (the per-row work is a few instructions).
-      auto write_rows = [&](auto mode_tag, auto decode) {
-        constexpr int M = decltype(mode_tag)::value;
-        at::parallel_for(0, nv, kParallelVoxels, [&](int64_t b, int64_t e) {
-          // Row by row: the outputs are written sequentially (they are cold); the voxel data, just
-          // written by the pass above, is read through row_voxel, fetched a few rows ahead.
-          // Everything the loop reads is copied into locals first: read through the captures, the
-          // int32 and float row stores may alias them (the decoders' uint32 divisors among them), and
-          // the compiler reloaded them after every store (A/B, padded rows at SECOND settings, 1
-          // thread: 0.50 -> 0.40 ms warm and 0.52 -> 0.46 ms cold on scan 000001, 0.41 -> 0.35 ms
-          // warm and 0.45 -> 0.42 ms cold on scan 000002).
-          const auto dec = decode;  // holds its divisors by value
-          const int32_t* const rvox = row_voxel;
-          const K* const rkey = row_key;
-          const int32_t* const vcnt = vcount;
-          const int32_t* const lists = vpts;
-          const scalar_t* const pts = p;
-          const scalar_t* const accs = acc;
-          int32_t* const out_coords = cp;
-          int32_t* const out_counts = cnt;
-          scalar_t* const out_feats = fp;
-          const int64_t cols = c, width = f, slots = max_points;
-          const bool mean = reduce == kMean;
-#if SPARSECONV_VOXELIZE_AVX2
-          const bool avx512_rows = rows512;
-#endif
-          constexpr int64_t kAhead = 16;
-          for (int64_t r = b; r < e; ++r) {
-            int64_t v = r;
-            if (rvox) {
-              v = rvox[r];
-              if (r + kAhead < e) {
-                __builtin_prefetch(vcnt + rvox[r + kAhead]);
-                if (M == kAccumulate) __builtin_prefetch(accs + rvox[r + kAhead] * cols);
-              }
-            }
-            dec(rkey[r], out_coords + 4 * r);
-            const int32_t m = vcnt[v];
-            out_counts[r] = m;
-            scalar_t* out = out_feats + r * width;
-            if (M == kList) {  // the padded row, from the listed points (the rows are the voxel ids)
-              const int32_t* list = lists + v * slots;
-#if defined(__SSE2__)
-              if (std::is_same<scalar_t, float>::value && cols == 4) {
-                float* o = reinterpret_cast<float*>(out);
-                const float* pf = reinterpret_cast<const float*>(pts);
-#if SPARSECONV_VOXELIZE_AVX2
-                if (avx512_rows) {
-                  padded_row_avx512(o, pf, list, m, slots);
-                  continue;
-                }
-#endif
-                int64_t s = 0;
-                for (; s < m; ++s) _mm_storeu_ps(o + 4 * s, _mm_loadu_ps(pf + 4 * static_cast<int64_t>(list[s])));
-                for (; s < slots; ++s) _mm_storeu_ps(o + 4 * s, _mm_setzero_ps());
-                continue;
-              }
-#endif
-              for (int64_t s = 0; s < m; ++s) copy_row<0>(out + s * cols, pts + list[s] * cols, cols);
-              std::fill(out + m * cols, out + width, scalar_t(0));
-            } else if (M == kNone) {
-              out[0] = static_cast<scalar_t>(m);
-            } else if (M == kRank) {
-              std::fill(out + m * cols, out + width, scalar_t(0));
-            } else if (M == kAccumulate) {
-              const scalar_t* a = accs + v * cols;
-              if (mean) {
-                const scalar_t inv = scalar_t(1) / static_cast<scalar_t>(m);
-                for (int64_t k = 0; k < cols; ++k) out[k] = a[k] * inv;
-              } else {
-                for (int64_t k = 0; k < cols; ++k) out[k] = a[k];
-              }
-            }
-          }
-        });
-      };
-      auto rows_for_mode = [&](auto decode) {
-        switch (mode) {
-          case kList:
-            write_rows(std::integral_constant<int, kList>(), decode);
-            break;
-          case kRank:
-            write_rows(std::integral_constant<int, kRank>(), decode);
-            break;
-          case kAccumulate:
-            write_rows(std::integral_constant<int, kAccumulate>(), decode);
-            break;
-          case kNone:
-            write_rows(std::integral_constant<int, kNone>(), decode);
-            break;
-        }
-      };
-      if (std::is_same<K, uint32_t>::value) {
-        const Div32 dz(static_cast<uint32_t>(grid.Z)), dy(static_cast<uint32_t>(grid.Y)),
-            dx(static_cast<uint32_t>(grid.X));
-        rows_for_mode([=](K key, int32_t* out) { decode_key(dz, dy, dx, static_cast<uint32_t>(key), out); });
-      } else if (max_key < (uint64_t(1) << 52)) {
-        const FastDiv dz(grid.Z), dy(grid.Y), dx(grid.X);
-        rows_for_mode([=](K key, int32_t* out) { decode_key(dz, dy, dx, static_cast<int64_t>(key), out); });
-      } else {
-        rows_for_mode([=](K key, int32_t* out) { grid.decode(static_cast<int64_t>(key), out); });
-      }
+      const RowSrc<K, scalar_t> src{row_voxel, row_key, vcount, vpts, acc, cp, cnt, fp};
+      with_row_kind([&](const auto& decode, auto mode_tag) {
+        at::parallel_for(0, nv, kParallelVoxels, [&](int64_t b, int64_t e) { row_loop(mode_tag, decode, src, b, e); });
+      });
       // The padded rows from the points; point_voxel in output rows.
       auto write_padded = [&](auto cc_tag) {
         constexpr int CC = decltype(cc_tag)::value;
@@ -1080,9 +1360,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       }
     };
     if (max_key < UINT32_MAX) {
-      run(uint32_t(0), ws.key32, ws.table32, ws.vkey32, ws.skey32, ws.skey32_tmp);
+      run(uint32_t(0), ws.key32, ws.table32, ws.vkey32, ws.sort32);
     } else {
-      run(uint64_t(0), ws.key64, ws.table64, ws.vkey64, ws.skey64, ws.skey64_tmp);
+      run(uint64_t(0), ws.key64, ws.table64, ws.vkey64, ws.sort64);
     }
   });
 
