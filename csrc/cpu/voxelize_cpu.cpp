@@ -107,25 +107,6 @@ struct Workspace {
   std::vector<PartBufs<uint64_t>> parts64;
 };
 
-template <typename K>
-std::vector<PartBufs<K>>& part_bufs(Workspace& ws) {
-  if constexpr (std::is_same<K, uint32_t>::value) {
-    return ws.parts32;
-  } else {
-    return ws.parts64;
-  }
-}
-
-// The voxel keys grouped by key range (see voxelize_cpu).
-template <typename K>
-std::vector<K>& range_keys(Workspace& ws) {
-  if constexpr (std::is_same<K, uint32_t>::value) {
-    return ws.rkey32;
-  } else {
-    return ws.rkey64;
-  }
-}
-
 // At most this many key ranges in voxelize_cpu's range-split pass.
 constexpr int64_t kMaxRanges = 32;
 
@@ -139,12 +120,15 @@ void run_tasks(int64_t tasks, const F& work) {
   });
 }
 
-template <typename scalar_t, typename K>
-std::vector<scalar_t>& part_acc(PartBufs<K>& b) {
-  if constexpr (std::is_same<scalar_t, float>::value) {
-    return b.accf;
+// a for a 32-bit element type T (uint32_t keys, float points), b for a 64-bit one: the workspace
+// keeps one buffer per width.
+template <typename T, typename A, typename B>
+auto& by_width(A& a, B& b) {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "32- or 64-bit element types only");
+  if constexpr (sizeof(T) == 4) {
+    return a;
   } else {
-    return b.accd;
+    return b;
   }
 }
 
@@ -623,15 +607,6 @@ struct RowSrc {
   scalar_t* feats;
 };
 
-template <typename scalar_t>
-std::vector<scalar_t>& acc_buf(Workspace& ws) {
-  if constexpr (std::is_same<scalar_t, float>::value) {
-    return ws.accf;
-  } else {
-    return ws.accd;
-  }
-}
-
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_cpu(
@@ -777,7 +752,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
                                                                                         : kRank;
       int32_t* vpts = mode == kList ? cpu::scratch(ws.vpts, max_nv * max_points) : nullptr;
       int32_t* pslot = mode == kRank ? cpu::scratch(ws.pslot, n) : nullptr;
-      scalar_t* acc = mode == kAccumulate ? cpu::scratch(acc_buf<scalar_t>(ws), max_nv * c) : nullptr;
+      scalar_t* acc = mode == kAccumulate ? cpu::scratch(by_width<scalar_t>(ws.accf, ws.accd), max_nv * c) : nullptr;
       auto assign_all = [&](const auto& on_point) {
         for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
           as.add(key + chunk * kChunk, idx + chunk * kChunk, chunk_valid[chunk], on_point);
@@ -812,7 +787,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       //     max_points applied to the ranks.
       auto assign_partitioned = [&](int64_t parts) {
         const int64_t mp_lim = as.max_points;
-        auto& pb = part_bufs<K>(ws);
+        auto& pb = by_width<K>(ws.parts32, ws.parts64);
         if (static_cast<int64_t>(pb.size()) < parts) pb.resize(parts);
         std::vector<int64_t> part_nv(parts);
         // The rank of each point in its voxel (all points, max_points not yet applied).
@@ -852,7 +827,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
                 if (s < mp_lim) lp[v * max_points + s] = static_cast<int32_t>(i);
               });
             } else if (mode == kAccumulate) {
-              scalar_t* la = cpu::scratch(part_acc<scalar_t>(b), m * c);
+              scalar_t* la = cpu::scratch(by_width<scalar_t>(b.accf, b.accd), m * c);
               a.add(okey, oidx, m, [&](int64_t i, int64_t v, int32_t s, bool) {
                 record(i, v, s);
                 if (s == 0) {
@@ -915,7 +890,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
             if (mode == kList) {
               std::memcpy(vpts + g * max_points, b.vpts.data() + l * max_points, kept * sizeof(int32_t));
             } else if (mode == kAccumulate) {
-              std::memcpy(acc + g * c, part_acc<scalar_t>(b).data() + l * c, c * sizeof(scalar_t));
+              std::memcpy(acc + g * c, by_width<scalar_t>(b.accf, b.accd).data() + l * c, c * sizeof(scalar_t));
             }
           }
         });
@@ -1093,8 +1068,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       // voxels).  The result is the sequential path's.  A/B on 2 threads, mean at SECOND settings:
       // 0.96-1.06 -> 0.73-0.80 ms back to back, 1.43-1.65 -> 1.24-1.31 ms cold (docs/benchmarks.md).
       auto assign_ranges = [&](int64_t parts) {
-        auto& pb = part_bufs<K>(ws);  // the calling thread's workspace (`ws` inside the parallel
-                                      // regions would name each worker's own)
+        // The calling thread's workspace (`ws` inside the parallel regions would name each worker's own).
+        auto& pb = by_width<K>(ws.parts32, ws.parts64);
         if (static_cast<int64_t>(pb.size()) < parts) pb.resize(parts);
         int32_t* const dense_cells = use_dense ? ws.dense.data() : nullptr;
         // Range q holds the keys k with bound[q] <= k < bound[q + 1].
@@ -1115,7 +1090,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         }
         // 0. Chunk c's points of range q are rkey/ridx[seg[c][q], seg[c][q + 1]) (in chunk c's slice).
         const int64_t stride_seg = parts + 1;
-        K* rkey = cpu::scratch(range_keys<K>(ws), n);
+        K* rkey = cpu::scratch(by_width<K>(ws.rkey32, ws.rkey64), n);
         int32_t* ridx = cpu::scratch(ws.ridx, n);
         int64_t* seg = cpu::scratch(ws.seg, num_chunks * stride_seg);
         const K* const bnd = bound.data();
@@ -1174,7 +1149,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
             }
           };
           if (mode == kAccumulate) {
-            scalar_t* la = cpu::scratch(part_acc<scalar_t>(b), m * c);
+            scalar_t* la = cpu::scratch(by_width<scalar_t>(b.accf, b.accd), m * c);
             if (c == 4) {
               add(folder(std::integral_constant<int, 4>(), la));
             } else {
@@ -1226,7 +1201,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
                                         b.sort.skey.data(),
                                         b.vcount.data(),
                                         nullptr,
-                                        mode == kAccumulate ? part_acc<scalar_t>(b).data() : nullptr,
+                                        mode == kAccumulate ? by_width<scalar_t>(b.accf, b.accd).data() : nullptr,
                                         cp + 4 * off,
                                         cnt + off,
                                         fp + off * f};
