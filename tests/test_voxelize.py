@@ -325,6 +325,27 @@ def test_voxelize_errors(kwargs, exc, match):
         sc.voxelize(**args)
 
 
+def test_geometry_memo_only_for_tuples_of_plain_numbers():
+    """voxelize memoises the checked grid of (voxel_size, point_range) for tuples of floats and ints
+    only: lists and tuples of tensors (which can change in place) are checked again on every call."""
+    from sparseconv.voxelize import _geometry, _geometry_memo
+
+    rng = (0, 0, 0, 10, 10, 10)
+    first = _geometry((0.5, 0.5, 0.5), rng)
+    assert first == ((20, 20, 20), (0.5, 0.5, 0.5), (0.0, 0.0, 0.0))
+    assert _geometry([0.5, 0.5, 0.5], list(rng)) == first
+    hits = _geometry_memo.cache_info().hits
+    assert _geometry((0.5, 0.5, 0.5), rng) == first
+    assert _geometry_memo.cache_info().hits == hits + 1
+    size = torch.tensor(0.5)
+    assert _geometry((size, size, size), rng)[0] == (20, 20, 20)
+    size.fill_(1.0)
+    assert _geometry((size, size, size), rng)[0] == (10, 10, 10)
+    for _ in range(2):  # a bad tuple raises on every call (the memo keeps no failures)
+        with pytest.raises(ValueError, match="voxel_size must be positive"):
+            _geometry((0.5, -1.0, 0.5), rng)
+
+
 def test_voxelize_grid_too_large_for_keys():
     with pytest.raises(ValueError, match="2\\^62"):
         sc.voxelize(torch.rand(4, 4), (1e-6, 1e-6, 1e-6), (0, 0, 0, 1000, 1000, 1000))
