@@ -383,11 +383,13 @@ def test_voxelize_op_is_deterministic_across_threads():
 
 # ----------------------------------------------------------------------------------- op paths
 def _both_thread_counts(fn):
-    """fn() on 1, 2 and 3 threads (3: the first-appearance pass split over three groups)."""
+    """fn() on 3, 2 and 1 threads (3: the first-appearance pass split over three groups).  The
+    sequential pass last: the kernels' scratch keeps its contents between calls, so an earlier call
+    on the same points could hide a slot that a later path failed to write."""
     before = torch.get_num_threads()
     outs = []
     try:
-        for threads in (1, 2, 3):
+        for threads in (3, 2, 1):
             torch.set_num_threads(threads)
             outs.append(fn())
     finally:
@@ -521,7 +523,7 @@ def test_partitioned_hash_pass_matches_reference(reduce, order_by_first, max_vox
 
 
 def _key_range_case(case):
-    """Inputs of test_key_range_pass_matches_reference: (op args, max_voxels hit)."""
+    """Inputs of test_two_thread_passes_match_reference: the op's arguments up to max_voxels."""
     rng = np.random.default_rng(31)
     if case.startswith("scan"):  # LiDAR-like points in scan (azimuth) order, NaNs, three scans
         pts = lidar_like(80000, seed=31)
@@ -544,22 +546,27 @@ def _key_range_case(case):
     return (torch.from_numpy(pts), batch, (0.5, 0.5, 8.0), (-30, -30, -4), (120, 120, 1), 2, 4, 2000)
 
 
-@pytest.mark.parametrize("reduce", ["mean", "sum", "max", "first", "count"])
+@pytest.mark.parametrize("reduce,order_by_first", [("mean", False), ("sum", False), ("max", False),
+                                                    ("first", False), ("count", False), ("pad", True)])
 @pytest.mark.parametrize("case", ["scan", "scan_max_voxels", "three_voxels", "wide_keys", "pillars"])
-def test_key_range_pass_matches_reference(reduce, case):
-    """Key order with at least 2^15 valid points on several threads splits the pass over key ranges
-    (csrc/cpu/voxelize_cpu.cpp, assign_ranges: two ranges per thread, each range from its pass to
-    its rows).  On 1 thread (the sequential pass), 2, 3 and 4 threads the op equals the reference,
-    and the thread counts each other bit for bit: points in scan order with NaNs and three scans,
-    max_points hit, max_voxels hit or not; all points in three voxels (most ranges empty); 64-bit keys
-    with float64 points of 5 columns; a pillar grid (the direct-mapped index)."""
+def test_two_thread_passes_match_reference(reduce, order_by_first, case):
+    """With at least 2^15 valid points on several threads, key order splits the pass over key ranges
+    (csrc/cpu/voxelize_cpu.cpp, assign_ranges: two ranges per thread, each range from its pass to its
+    rows) and the padded layout (first-appearance order) runs the pass as a producer/consumer
+    pipeline of two threads (assign_pipelined).  On 1 thread (the sequential pass), 2, 3 and 4
+    threads the op equals the reference, and the thread counts each other bit for bit: points in
+    scan order with NaNs and three scans, max_points hit, max_voxels hit or not; all points in three
+    voxels (most ranges empty); 64-bit keys with float64 points of 5 columns; a pillar grid (the
+    direct-mapped index)."""
     from sparseconv.reference import voxelize_reference
 
-    args = _key_range_case(case) + (reduce, False)
+    args = _key_range_case(case) + (reduce, order_by_first)
     before = torch.get_num_threads()
     outs = []
     try:
-        for threads in (1, 2, 3, 4):
+        # The sequential pass last: the kernels' scratch keeps its contents between calls, so an
+        # earlier call on the same points could hide a slot that a later path failed to write.
+        for threads in (4, 3, 2, 1):
             torch.set_num_threads(threads)
             outs.append(ops.voxelize(*args))
     finally:

@@ -97,7 +97,7 @@ struct Workspace {
   std::vector<int64_t> chunk_valid, chunk_nonfinite;
   std::vector<float> accf;
   std::vector<double> accd;
-  std::vector<int32_t> inv_part, inv_local, dense, ridx;
+  std::vector<int32_t> inv_part, inv_local, dense, ridx, vid;
   std::vector<uint32_t> rkey32;
   std::vector<uint64_t> rkey64;
   std::vector<int64_t> seg;
@@ -1233,6 +1233,103 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       };
       // Key order with two threads or more and enough points: assign_ranges, which writes everything.
       constexpr int64_t kRangePoints = int64_t(1) << 15;
+      // The padded rows from lists (first-appearance order) on two threads: the pass as a pipeline.
+      // Thread 0 (the producer) looks each valid point's key up in the table, in input order, and
+      // writes its voxel id (voxels opened in first-appearance order, max_voxels applied); thread 1
+      // (the consumer) follows it through the same points: counts, max_points, the point lists and
+      // point_voxel.  The consumer waits for the producer's published progress (release/acquire),
+      // so every id it reads, and the voxel's zeroed count, were written before; the producer never
+      // waits.  On one thread the roles run one after the other.  The result is the sequential
+      // pass's.  A/B (2 threads, medians of 4-5 interleaved processes, docs/benchmarks.md): padded
+      // rows at SECOND settings 0.80-0.81 -> 0.72-0.76 ms warm and 1.27-1.28 -> 1.13-1.16 ms cold
+      // on scans 000001 and 000002, at PointPillars settings 0.40-0.51 -> 0.34-0.46 ms warm (a second
+      // round, on a noisier VM, agreed but for PointPillars on scan 000001).
+      auto assign_pipelined = [&]() {
+        int32_t* vid = cpu::scratch(ws.vid, n);
+        std::atomic<int64_t> progress{0};  // valid points (in input order) whose voxel id is written
+        int64_t ov_total = 0, op_total = 0;
+        auto producer = [&]() {
+          const KeyTable<K> tab = as.table;
+          const int32_t* const cells = as.dense;
+          int64_t seq = 0;
+          constexpr int64_t kAhead = 40, kPublish = 1024;
+          for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+            const K* ck = key + chunk * kChunk;
+            int32_t* cv = vid + chunk * kChunk;
+            const int64_t m = chunk_valid[chunk];
+            for (int64_t j = 0; j < m; ++j) {
+              if (j + kAhead < m) {
+                if (cells) {
+                  __builtin_prefetch(cells + ck[j + kAhead]);
+                } else {
+                  __builtin_prefetch(tab.slots + 2 * tab.home(ck[j + kAhead]));
+                }
+              }
+              const K k = ck[j];
+              int64_t v;
+              if (cells) {
+                v = cells[k];
+                if (C10_UNLIKELY(v < 0)) v = as.insert_dense(k);
+              } else {
+                const uint64_t h = tab.home(k);
+                v = C10_LIKELY(tab.slots[2 * h] == k) ? static_cast<int64_t>(tab.slots[2 * h + 1]) : as.probe(k, h);
+              }
+              cv[j] = static_cast<int32_t>(v);
+              if (((j + 1) & (kPublish - 1)) == 0) progress.store(seq + j + 1, std::memory_order_release);
+            }
+            seq += m;
+            progress.store(seq, std::memory_order_release);
+          }
+        };
+        auto consumer = [&]() {
+          int32_t* const count = as.vcount;
+          int32_t* const lists = vpts;
+          int64_t* const point_voxel = pv;
+          const int64_t limit = as.max_points, slots = max_points;
+          int64_t seq = 0, ready = 0, ov = 0, op = 0;
+          for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
+            const int32_t* ci = idx + chunk * kChunk;
+            const int32_t* cv = vid + chunk * kChunk;
+            const int64_t m = chunk_valid[chunk];
+            for (int64_t j = 0; j < m; ++j) {
+              if (C10_UNLIKELY(seq + j >= ready)) {
+                while ((ready = progress.load(std::memory_order_acquire)) <= seq + j) {
+#if defined(__SSE2__)
+                  _mm_pause();
+#endif
+                }
+              }
+              const int64_t i = ci[j];
+              const int64_t v = cv[j];
+              if (C10_UNLIKELY(v < 0)) {
+                ++ov;
+                point_voxel[i] = -1;
+                continue;
+              }
+              const int32_t s = count[v];
+              const bool keep = s < limit;
+              count[v] = s + keep;
+              op += !keep;
+              point_voxel[i] = keep ? v : -1;
+              if (keep) lists[v * slots + s] = static_cast<int32_t>(i);
+            }
+            seq += m;
+          }
+          ov_total = ov;
+          op_total = op;
+        };
+        at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
+          for (int64_t role = b; role < e; ++role) {  // in this order on one thread
+            if (role == 0) {
+              producer();
+            } else {
+              consumer();
+            }
+          }
+        });
+        as.over_voxels += ov_total;
+        as.over_points += op_total;
+      };
       if (!order_by_first && (mode == kAccumulate || mode == kNone) && valid >= kRangePoints &&
           at::get_num_threads() > 1 && !at::in_parallel_region()) {
         assign_ranges(std::min<int64_t>(2 * at::get_num_threads(), kMaxRanges));
@@ -1252,6 +1349,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         }
         switch (mode) {
         case kList:
+          if (valid >= kRangePoints && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+            assign_pipelined();
+            break;
+          }
           assign_all([vpts, max_points](int64_t i, int64_t v, int32_t s, bool keep) {
             if (keep) vpts[v * max_points + s] = static_cast<int32_t>(i);
           });
