@@ -1243,7 +1243,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       // pass's.  A/B (2 threads, medians of 4-5 interleaved processes, docs/benchmarks.md): padded
       // rows at SECOND settings 0.80-0.81 -> 0.72-0.76 ms warm and 1.27-1.28 -> 1.13-1.16 ms cold
       // on scans 000001 and 000002, at PointPillars settings 0.40-0.51 -> 0.34-0.46 ms warm (a second
-      // round, on a noisier VM, agreed but for PointPillars on scan 000001).
+      // round, on a noisier VM, agreed but for PointPillars on scan 000001 and one warm SECOND cell).
       auto assign_pipelined = [&]() {
         int32_t* vid = cpu::scratch(ws.vid, n);
         std::atomic<int64_t> progress{0};  // valid points (in input order) whose voxel id is written
