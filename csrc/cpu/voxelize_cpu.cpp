@@ -444,6 +444,49 @@ struct Assign {
 
   // Points idx[0, m) (valid, in input order) with keys key[0, m); on_point(i, v, s, kept) is
   // called for each point that has a voxel (s: its rank among the voxel's points so far).
+  // The voxel of key[j] (found, opened, or -1 beyond max_voxels), fetching the table slot (or the
+  // cell) of key[j + kAhead] early: the table is about as large as L2 and cold on entry (A/B: 16
+  // points ahead cut the pass by ~25%, 40 by another ~5%).  tab and cells: the caller's local
+  // copies of table and dense (see add_points).
+  template <bool Dense>
+  C10_ALWAYS_INLINE int64_t voxel_of(const K* key, int64_t j, int64_t m, const KeyTable<K>& tab, const int32_t* cells) {
+    constexpr int64_t kAhead = 40;
+    if (j + kAhead < m) {
+      if (Dense) {
+        __builtin_prefetch(cells + key[j + kAhead]);
+      } else {
+        __builtin_prefetch(tab.slots + 2 * tab.home(key[j + kAhead]));
+      }
+    }
+    const K k = key[j];
+    if (Dense) {
+      const int64_t v = cells[k];
+      return C10_LIKELY(v >= 0) ? v : insert_dense(k);
+    }
+    const uint64_t h = tab.home(k);
+    return C10_LIKELY(tab.slots[2 * h] == k) ? static_cast<int64_t>(tab.slots[2 * h + 1]) : probe(k, h);
+  }
+
+  // Point i of voxel v (-1: beyond max_voxels, dropped): its rank s among the voxel's points so
+  // far, kept while s < limit, counted in count (every point with CountAll, else the kept ones),
+  // point_voxel[i] set, then on_point(i, v, s, keep).  Static, on the caller's local copies (see
+  // add_points).
+  template <bool CountAll, typename OnPoint>
+  C10_ALWAYS_INLINE static void count_point(int64_t i, int64_t v, int32_t* count, int64_t* point_voxel, int64_t limit,
+                                            int64_t& ov, int64_t& op, const OnPoint& on_point) {
+    if (C10_UNLIKELY(v < 0)) {
+      ++ov;
+      point_voxel[i] = -1;
+      return;
+    }
+    const int32_t s = count[v];
+    const bool keep = s < limit;
+    count[v] = s + (CountAll ? 1 : keep);
+    op += !keep;
+    point_voxel[i] = keep ? v : -1;
+    on_point(i, v, s, keep);
+  }
+
   // CountAll: vcount counts every point of a voxel, kept or not (the caller then applies
   // max_points to the counts); otherwise the kept points only.
   template <bool CountAll = false, typename OnPoint>
@@ -467,38 +510,9 @@ struct Assign {
     int32_t* const count = vcount;
     const int64_t limit = max_points;
     const OnPoint on_point = on_point_ref;
-    // The table is about as large as L2 and cold on entry: fetch the slots of later points early
-    // (A/B: 16 points ahead cut the pass by ~25%, 40 by another ~5%).
-    constexpr int64_t kAhead = 40;
     for (int64_t j = 0; j < m; ++j) {
-      const K k = key[j];
-      if (j + kAhead < m) {
-        if (Dense) {
-          __builtin_prefetch(cells + key[j + kAhead]);
-        } else {
-          __builtin_prefetch(tab.slots + 2 * tab.home(key[j + kAhead]));
-        }
-      }
-      const int64_t i = idx[j];
-      int64_t v;
-      if (Dense) {
-        v = cells[k];
-        if (C10_UNLIKELY(v < 0)) v = insert_dense(k);
-      } else {
-        const uint64_t h = tab.home(k);
-        v = C10_LIKELY(tab.slots[2 * h] == k) ? static_cast<int64_t>(tab.slots[2 * h + 1]) : probe(k, h);
-      }
-      if (C10_UNLIKELY(v < 0)) {
-        ++ov;
-        point_voxel[i] = -1;
-        continue;
-      }
-      const int32_t s = count[v];
-      const bool keep = s < limit;
-      count[v] = s + (CountAll ? 1 : keep);
-      op += !keep;
-      point_voxel[i] = keep ? v : -1;
-      on_point(i, v, s, keep);
+      const int64_t v = voxel_of<Dense>(key, j, m, tab, cells);
+      count_point<CountAll>(idx[j], v, count, point_voxel, limit, ov, op, on_point);
     }
     over_voxels += ov;
     over_points += op;
@@ -1248,37 +1262,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         int32_t* vid = cpu::scratch(ws.vid, n);
         std::atomic<int64_t> progress{0};  // valid points (in input order) whose voxel id is written
         int64_t ov_total = 0, op_total = 0;
-        auto producer = [&]() {
+        auto produce = [&](auto dense_tag) {
+          constexpr bool Dense = decltype(dense_tag)::value;
           const KeyTable<K> tab = as.table;
           const int32_t* const cells = as.dense;
           int64_t seq = 0;
-          constexpr int64_t kAhead = 40, kPublish = 1024;
+          constexpr int64_t kPublish = 1024;
           for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
             const K* ck = key + chunk * kChunk;
             int32_t* cv = vid + chunk * kChunk;
             const int64_t m = chunk_valid[chunk];
             for (int64_t j = 0; j < m; ++j) {
-              if (j + kAhead < m) {
-                if (cells) {
-                  __builtin_prefetch(cells + ck[j + kAhead]);
-                } else {
-                  __builtin_prefetch(tab.slots + 2 * tab.home(ck[j + kAhead]));
-                }
-              }
-              const K k = ck[j];
-              int64_t v;
-              if (cells) {
-                v = cells[k];
-                if (C10_UNLIKELY(v < 0)) v = as.insert_dense(k);
-              } else {
-                const uint64_t h = tab.home(k);
-                v = C10_LIKELY(tab.slots[2 * h] == k) ? static_cast<int64_t>(tab.slots[2 * h + 1]) : as.probe(k, h);
-              }
-              cv[j] = static_cast<int32_t>(v);
+              cv[j] = static_cast<int32_t>(as.template voxel_of<Dense>(ck, j, m, tab, cells));
               if (((j + 1) & (kPublish - 1)) == 0) progress.store(seq + j + 1, std::memory_order_release);
             }
             seq += m;
             progress.store(seq, std::memory_order_release);
+          }
+        };
+        auto producer = [&]() {
+          if (as.dense) {
+            produce(std::true_type());
+          } else {
+            produce(std::false_type());
           }
         };
         auto consumer = [&]() {
@@ -1299,19 +1305,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
 #endif
                 }
               }
-              const int64_t i = ci[j];
-              const int64_t v = cv[j];
-              if (C10_UNLIKELY(v < 0)) {
-                ++ov;
-                point_voxel[i] = -1;
-                continue;
-              }
-              const int32_t s = count[v];
-              const bool keep = s < limit;
-              count[v] = s + keep;
-              op += !keep;
-              point_voxel[i] = keep ? v : -1;
-              if (keep) lists[v * slots + s] = static_cast<int32_t>(i);
+              Assign<K>::template count_point<false>(ci[j], cv[j], count, point_voxel, limit, ov, op,
+                                                     [lists, slots](int64_t i, int64_t v, int32_t s, bool keep) {
+                                                       if (keep) lists[v * slots + s] = static_cast<int32_t>(i);
+                                                     });
             }
             seq += m;
           }
