@@ -120,6 +120,23 @@ void run_tasks(int64_t tasks, const F& work) {
   });
 }
 
+// One step of merging partitions of voxels into global first-appearance order: the partition whose
+// next voxel (head[q] of part_nv[q], partitions in local first-appearance order) has the earliest
+// first point.  Some partition must have a voxel left.
+template <typename K>
+int64_t earliest_part(const std::vector<PartBufs<K>>& pb, const std::vector<int64_t>& part_nv,
+                      const std::vector<int64_t>& head) {
+  int64_t best = -1;
+  int32_t best_first = INT32_MAX;
+  for (size_t q = 0; q < part_nv.size(); ++q) {
+    if (head[q] < part_nv[q] && pb[q].first[head[q]] < best_first) {
+      best = static_cast<int64_t>(q);
+      best_first = pb[q].first[head[q]];
+    }
+  }
+  return best;
+}
+
 // a for a 32-bit element type T (uint32_t keys, float points), b for a 64-bit one: the workspace
 // keeps one buffer per width.
 template <typename T, typename A, typename B>
@@ -877,14 +894,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         } else {
           std::vector<int64_t> head(parts, 0);
           for (int64_t g = 0; g < total; ++g) {
-            int64_t best = -1;
-            int32_t best_first = INT32_MAX;
-            for (int64_t part = 0; part < parts; ++part) {
-              if (head[part] < part_nv[part] && pb[part].first[head[part]] < best_first) {
-                best = part;
-                best_first = pb[part].first[head[part]];
-              }
-            }
+            const int64_t best = earliest_part(pb, part_nv, head);
             const int64_t l = head[best]++;
             gmap[best][l] = g < nv_global ? static_cast<int32_t>(g) : -1;
             if (g < nv_global) {
@@ -1181,17 +1191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         for (int64_t q = 0; q < parts; ++q) total += part_nv[q];
         if (total > as.max_voxels) {
           std::fill(kept.begin(), kept.end(), 0);
-          for (int64_t g = 0; g < as.max_voxels; ++g) {
-            int64_t best = -1;
-            int32_t best_first = INT32_MAX;
-            for (int64_t q = 0; q < parts; ++q) {
-              if (kept[q] < part_nv[q] && pb[q].first[kept[q]] < best_first) {
-                best = q;
-                best_first = pb[q].first[kept[q]];
-              }
-            }
-            ++kept[best];
-          }
+          for (int64_t g = 0; g < as.max_voxels; ++g) ++kept[earliest_part(pb, part_nv, kept)];
         }
         std::vector<int64_t> row0(parts + 1, 0), order(parts);
         for (int64_t q = 0; q < parts; ++q) {
