@@ -581,7 +581,7 @@ def test_two_thread_passes_match_reference(reduce, order_by_first, case):
 
 @pytest.mark.parametrize("isa", ["generic", "avx2", "avx512"])
 def test_every_key_kernel_variant_matches_reference(isa):
-    """The point-key kernels (portable, AVX2 two points per step, AVX-512 sixteen per step, picked
+    """The point-key kernels (portable, AVX2 eight points per step, AVX-512 sixteen per step, picked
     like the convolution micro-kernels and capped by SPARSECONV_CPU_ISA) and the padded-row writers
     (16-byte stores, or 64-byte stores of four slots with AVX-512) give the reference's voxels, with
     and without a batch, with NaN/inf and out-of-range points, a point count that leaves a
