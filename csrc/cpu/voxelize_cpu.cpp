@@ -460,6 +460,30 @@ __attribute__((target("avx512f"))) inline void padded_row_avx512(float* out, con
     _mm512_mask_storeu_ps(out + 4 * s, static_cast<__mmask16>((1u << (4 * (max_points - s))) - 1u), zero);
   }
 }
+
+// padded_row_avx512 with 32-byte stores of two slots each (CPUs without AVX-512).  A/B on an AMD
+// EPYC without AVX-512 against 16-byte stores of one slot (2 threads, totals through
+// voxelize_padded, medians of 5 interleaved processes): SECOND settings 0.97-1.16 -> 0.88-1.03 ms
+// cold, 0.81-1.07 -> 0.79-1.04 ms warm; PointPillars settings within the noise.
+__attribute__((target("avx2"))) inline void padded_row_avx2(float* out, const float* p, const int32_t* list,
+                                                            int64_t m, int64_t max_points) {
+  auto point = [&](int64_t s) { return _mm_loadu_ps(p + 4 * static_cast<int64_t>(list[s])); };
+  int64_t s = 0;
+  for (; s + 2 <= m; s += 2) _mm256_storeu_ps(out + 4 * s, _mm256_set_m128(point(s + 1), point(s)));
+  if (s < m) {  // the last point, and a zero slot after it where the row has one
+    if (s + 1 < max_points) {
+      _mm256_storeu_ps(out + 4 * s, _mm256_set_m128(_mm_setzero_ps(), point(s)));
+      s += 2;
+    } else {
+      _mm_storeu_ps(out + 4 * s, point(s));
+      s += 1;
+    }
+  }
+  const __m256 zero = _mm256_setzero_ps();
+  for (; s + 2 <= max_points; s += 2) _mm256_storeu_ps(out + 4 * s, zero);
+  if (s < max_points) _mm_storeu_ps(out + 4 * s, _mm_setzero_ps());
+}
+
 #endif
 
 // The voxels of the valid points in input order: a voxel id on first sight (the first max_voxels
@@ -781,7 +805,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       const bool isa512 = std::strcmp(cpu::gemm_rows_isa(), "avx512") == 0;
       const bool isa256 = std::strcmp(cpu::gemm_rows_isa(), "avx2") == 0;
       const int key_step = !(float4 && std::is_same<K, uint32_t>::value) ? 0 : isa512 ? 16 : isa256 ? 8 : 0;
-      const bool rows512 = float4 && isa512;
+      const bool rows512 = float4 && isa512, rows256 = float4 && isa256;
 #endif
       at::parallel_for(0, num_chunks, kParallelChunks, [&](int64_t cb, int64_t ce) {
         for (int64_t chunk = cb; chunk < ce; ++chunk) {
@@ -1038,7 +1062,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
         const int32_t limit = kept_limit;
         const bool mean = reduce == kMean;
 #if SPARSECONV_VOXELIZE_AVX2
-        const bool avx512_rows = rows512;
+        const bool avx512_rows = rows512, avx2_rows = rows256;
 #endif
         constexpr int64_t kAhead = 16;
         for (int64_t r = b; r < e; ++r) {
@@ -1063,6 +1087,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
 #if SPARSECONV_VOXELIZE_AVX2
               if (avx512_rows) {
                 padded_row_avx512(o, pf, list, m, slots);
+                continue;
+              }
+              if (avx2_rows) {
+                padded_row_avx2(o, pf, list, m, slots);
                 continue;
               }
 #endif
