@@ -4,7 +4,6 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Dict, Iterator, Optional, Sequence
 
 import torch
@@ -129,7 +128,7 @@ class Voxels:
     _drops: torch.Tensor = field(repr=False)
     _kept: torch.Tensor = field(repr=False)
 
-    @cached_property
+    @functools.cached_property
     def stats(self) -> Dict[str, int]:
         return _drop_stats(self.point_to_voxel.shape[0], self._drops, self._kept)
 
@@ -222,7 +221,7 @@ class PaddedVoxels:
     spatial_shape: tuple
     _drops: torch.Tensor = field(repr=False)
 
-    @cached_property
+    @functools.cached_property
     def stats(self) -> Dict[str, int]:
         return _drop_stats(self.point_to_voxel.shape[0], self._drops, self.num_points)
 
