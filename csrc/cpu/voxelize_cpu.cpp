@@ -1352,10 +1352,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       // rows at SECOND settings 0.80-0.81 -> 0.72-0.76 ms warm and 1.27-1.28 -> 1.13-1.16 ms cold
       // on scans 000001 and 000002, at PointPillars settings 0.40-0.51 -> 0.34-0.46 ms warm (a second
       // round, on a noisier VM, agreed but for PointPillars on scan 000001 and one warm SECOND cell).
+      //
+      // The consumer's work goes in blocks of the valid points, in order.  When the producer is
+      // done it takes the consumer's role over from the next block (the consumer finishes the block
+      // it holds and stops): a consumer on a slow or late-waking thread (this VM's second vCPU was
+      // at times 2x slower for seconds) then no longer holds the call up.
       auto assign_pipelined = [&]() {
         int32_t* vid = cpu::scratch(ws.vid, n);
-        std::atomic<int64_t> progress{0};  // valid points (in input order) whose voxel id is written
-        int64_t ov_total = 0, op_total = 0;
+        // Block t: chunk block_chunk[t], points [block_begin[t], block_end[t]) of its compacted
+        // slice, the valid points block_seq[t] .. block_seq[t] + (end - begin) - 1 in input order.
+        constexpr int64_t kBlock = 1024;
+        std::vector<int64_t> block_chunk, block_begin, block_end, block_seq;
+        for (int64_t chunk = 0, seq = 0; chunk < num_chunks; seq += chunk_valid[chunk++]) {
+          for (int64_t j = 0; j < chunk_valid[chunk]; j += kBlock) {
+            block_chunk.push_back(chunk);
+            block_begin.push_back(j);
+            block_end.push_back(std::min(chunk_valid[chunk], j + kBlock));
+            block_seq.push_back(seq + j);
+          }
+        }
+        const int64_t blocks = static_cast<int64_t>(block_chunk.size());
+        // Each on its own cache lines: the consumer spins on them while the producer writes.
+        struct alignas(64) Counter {
+          std::atomic<int64_t> value{0};
+        };
+        Counter progress;  // valid points (in input order) whose voxel id is written
+        Counter next;      // the next block to consume
+        Counter done;      // blocks consumed
+        Counter takeover;  // 1 once the producer consumes
+        int64_t ov_role[2] = {0, 0}, op_role[2] = {0, 0};
+        auto spin_until = [](const std::atomic<int64_t>& a, int64_t at_least) {
+          while (a.load(std::memory_order_acquire) < at_least) {
+#if defined(__SSE2__)
+            _mm_pause();
+#endif
+          }
+        };
         auto produce = [&](auto dense_tag) {
           constexpr bool Dense = decltype(dense_tag)::value;
           const KeyTable<K> tab = as.table;
@@ -1368,11 +1400,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
             const int64_t m = chunk_valid[chunk];
             for (int64_t j = 0; j < m; ++j) {
               cv[j] = static_cast<int32_t>(as.template voxel_of<Dense>(ck, j, m, tab, cells));
-              if (((j + 1) & (kPublish - 1)) == 0) progress.store(seq + j + 1, std::memory_order_release);
+              if (((j + 1) & (kPublish - 1)) == 0) progress.value.store(seq + j + 1, std::memory_order_release);
             }
             seq += m;
-            progress.store(seq, std::memory_order_release);
+            progress.value.store(seq, std::memory_order_release);
           }
+        };
+        // Block t: counts, max_points, the lists and point_voxel, after block t - 1 and after the
+        // producer's ids.
+        auto consume = [&](int64_t t, int role) {
+          spin_until(done.value, t);
+          spin_until(progress.value, block_seq[t] + block_end[t] - block_begin[t]);
+          int32_t* const count = as.vcount;
+          int32_t* const lists = vpts;
+          int64_t* const point_voxel = pv;
+          const int64_t limit = as.max_points, slots = max_points;
+          const int32_t* ci = idx + block_chunk[t] * kChunk;
+          const int32_t* cv = vid + block_chunk[t] * kChunk;
+          int64_t ov = 0, op = 0;
+          for (int64_t j = block_begin[t]; j < block_end[t]; ++j) {
+            Assign<K>::template count_point<false>(ci[j], cv[j], count, point_voxel, limit, ov, op,
+                                                   [lists, slots](int64_t i, int64_t v, int32_t s, bool keep) {
+                                                     if (keep) lists[v * slots + s] = static_cast<int32_t>(i);
+                                                   });
+          }
+          ov_role[role] += ov;
+          op_role[role] += op;
+          done.value.store(t + 1, std::memory_order_release);
         };
         auto producer = [&]() {
           if (as.dense) {
@@ -1380,34 +1434,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
           } else {
             produce(std::false_type());
           }
+          takeover.value.store(1, std::memory_order_release);
+          for (int64_t t = next.value.fetch_add(1); t < blocks; t = next.value.fetch_add(1)) consume(t, 0);
         };
         auto consumer = [&]() {
-          int32_t* const count = as.vcount;
-          int32_t* const lists = vpts;
-          int64_t* const point_voxel = pv;
-          const int64_t limit = as.max_points, slots = max_points;
-          int64_t seq = 0, ready = 0, ov = 0, op = 0;
-          for (int64_t chunk = 0; chunk < num_chunks; ++chunk) {
-            const int32_t* ci = idx + chunk * kChunk;
-            const int32_t* cv = vid + chunk * kChunk;
-            const int64_t m = chunk_valid[chunk];
-            for (int64_t j = 0; j < m; ++j) {
-              if (C10_UNLIKELY(seq + j >= ready)) {
-                while ((ready = progress.load(std::memory_order_acquire)) <= seq + j) {
-#if defined(__SSE2__)
-                  _mm_pause();
-#endif
-                }
-              }
-              Assign<K>::template count_point<false>(ci[j], cv[j], count, point_voxel, limit, ov, op,
-                                                     [lists, slots](int64_t i, int64_t v, int32_t s, bool keep) {
-                                                       if (keep) lists[v * slots + s] = static_cast<int32_t>(i);
-                                                     });
-            }
-            seq += m;
+          for (;;) {
+            if (takeover.value.load(std::memory_order_acquire)) return;
+            int64_t t = next.value.load(std::memory_order_relaxed);
+            // Fails only if the producer has taken the block over (only it and this thread claim).
+            if (t >= blocks || !next.value.compare_exchange_strong(t, t + 1)) return;
+            consume(t, 1);
           }
-          ov_total = ov;
-          op_total = op;
         };
         at::parallel_for(0, 2, 1, [&](int64_t b, int64_t e) {
           for (int64_t role = b; role < e; ++role) {  // in this order on one thread
@@ -1418,8 +1455,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
             }
           }
         });
-        as.over_voxels += ov_total;
-        as.over_points += op_total;
+        as.over_voxels += ov_role[0] + ov_role[1];
+        as.over_points += op_role[0] + op_role[1];
       };
       if (!order_by_first && (mode == kAccumulate || mode == kNone) && valid >= kRangePoints &&
           at::get_num_threads() > 1 && !at::in_parallel_region()) {
@@ -1488,7 +1525,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> voxelize_
       scalar_t* fp = feats.data_ptr<scalar_t>();
       const RowSrc<K, scalar_t> src{row_voxel, row_key, vcount, vpts, acc, cp, cnt, fp};
       with_row_kind([&](const auto& decode, auto mode_tag) {
-        at::parallel_for(0, nv, kParallelVoxels, [&](int64_t b, int64_t e) { row_loop(mode_tag, decode, src, b, e); });
+        // Blocks of rows taken by the threads as they finish one (run_tasks): a slow or late thread
+        // leaves its share to the others.
+        constexpr int64_t kRowBlock = 2048;
+        if (nv > kParallelVoxels && at::get_num_threads() > 1 && !at::in_parallel_region()) {
+          run_tasks((nv + kRowBlock - 1) / kRowBlock, [&](int64_t t) {
+            row_loop(mode_tag, decode, src, t * kRowBlock, std::min(nv, (t + 1) * kRowBlock));
+          });
+        } else {
+          row_loop(mode_tag, decode, src, 0, nv);
+        }
       });
       // The padded rows from the points; point_voxel in output rows.
       auto write_padded = [&](auto cc_tag) {
