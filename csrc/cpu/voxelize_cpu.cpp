@@ -257,15 +257,6 @@ struct KeyMaker {
 };
 
 #if SPARSECONV_VOXELIZE_AVX2
-// The key kernels below compute KeyMaker::key for float points with 4 columns and 32-bit keys,
-// several points per vector step (the build targets baseline x86-64; each runs only where the
-// CPU has its instruction set, picked as the convolution micro-kernels are: cpu::gemm_rows_isa(),
-// capped by SPARSECONV_CPU_ISA).  The same arithmetic as the scalar path: one correctly rounded
-// division per axis, the same range tests, and the key
-// ((b * X + x) * Y + y) * Z + z = b * XYZ + x * YZ + y * Z + z in 32-bit lanes (exact: keys < 2^32).
-// run(begin, end, ...) handles points [begin, end) (end - begin a multiple of the step), appends
-// the keys and indices of the valid points at key + j, idx + j, sets pv = -1 for the others and
-// adds the non-finite ones to *nonfinite; returns the new j.
 // For each 8-bit mask of valid lanes of Float4Keys::run_avx2 (lane l holds point 2l for l < 4,
 // 2(l - 4) + 1 otherwise), the valid lanes in point order, then zeros: the permute that compacts a
 // step's keys and indices in input order.
@@ -283,6 +274,16 @@ struct Compact8 {
 };
 constexpr Compact8 kCompact8{};
 
+// The key kernels below compute KeyMaker::key for float points with 4 columns and 32-bit keys,
+// several points per vector step (the build targets baseline x86-64; each runs only where the
+// CPU has its instruction set, picked as the convolution micro-kernels are: cpu::gemm_rows_isa(),
+// capped by SPARSECONV_CPU_ISA).  The same arithmetic as the scalar path: one correctly rounded
+// division per axis, the same range tests, and the key
+// ((b * X + x) * Y + y) * Z + z = b * XYZ + x * YZ + y * Z + z in 32-bit lanes (exact: keys < 2^32).
+// run(begin, end, ...) handles points [begin, end) (end - begin a multiple of the step), appends
+// the keys and indices of the valid points at key + j, idx + j, sets pv = -1 for the others (the
+// AVX2 kernel for every point of a step that drops one: the pass writes the valid points' voxels
+// later) and adds the non-finite ones to *nonfinite; returns the new j.
 struct Float4Keys {
   const float* p;
   const int64_t* bp;
