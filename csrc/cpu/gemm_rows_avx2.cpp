@@ -18,24 +18,14 @@
 
 #include "gemm_rows.h"
 #include "gemm_rows_simd.h"
+#include "pack_table.h"
 
 namespace sparseconv {
 namespace cpu {
 namespace {
 
 // For each 8-bit mask, its set lanes in increasing order (then zeros): the permutation that packs them.
-struct PackTable {
-  uint8_t lanes[256][8];
-  constexpr PackTable() : lanes() {
-    for (int m = 0; m < 256; ++m) {
-      int j = 0;
-      for (int i = 0; i < 8; ++i) {
-        if (m & (1 << i)) lanes[m][j++] = static_cast<uint8_t>(i);
-      }
-    }
-  }
-};
-constexpr PackTable kPack{};
+constexpr PackTable8<LanesInOrder> kPack{};
 
 struct V256 {
   using T = __m256;

@@ -26,6 +26,7 @@
 #include "../coords.h"
 #include "../voxelize.h"
 #include "gemm_rows.h"
+#include "pack_table.h"
 #include "radix_sort.h"
 
 namespace sparseconv {
@@ -257,22 +258,13 @@ struct KeyMaker {
 };
 
 #if SPARSECONV_VOXELIZE_AVX2
-// For each 8-bit mask of valid lanes of Float4Keys::run_avx2 (lane l holds point 2l for l < 4,
-// 2(l - 4) + 1 otherwise), the valid lanes in point order, then zeros: the permute that compacts a
-// step's keys and indices in input order.
-struct Compact8 {
-  uint8_t lanes[256][8];
-  constexpr Compact8() : lanes() {
-    for (int m = 0; m < 256; ++m) {
-      int out = 0;
-      for (int pt = 0; pt < 8; ++pt) {
-        const int lane = pt % 2 == 0 ? pt / 2 : 4 + pt / 2;
-        if ((m >> lane) & 1) lanes[m][out++] = static_cast<uint8_t>(lane);
-      }
-    }
-  }
+// The lanes of Float4Keys::run_avx2's step: point 2l in lane l (l < 4), point 2l + 1 in lane 4 + l.
+struct TransposedPoints {
+  static constexpr int lane(int point) { return point % 2 == 0 ? point / 2 : 4 + point / 2; }
 };
-constexpr Compact8 kCompact8{};
+// For each 8-bit mask of valid lanes, the valid lanes in point order, then zeros: the permute that
+// compacts a step's keys and indices in input order.
+constexpr cpu::PackTable8<TransposedPoints> kCompact8{};
 
 // The key kernels below compute KeyMaker::key for float points with 4 columns and 32-bit keys,
 // several points per vector step (the build targets baseline x86-64; each runs only where the
@@ -294,7 +286,7 @@ struct Float4Keys {
   // Eight points per 256-bit step: x, y and z of 8 points are pulled out of four loads by a
   // 4 x 4 transpose in each 128-bit half (the lanes then hold points 0, 2, 4, 6, 1, 3, 5, 7), and
   // the valid keys are compacted in registers by a permute from a table that also restores the
-  // input order (Compact8).  Each step writes 8 elements at key + j and idx + j; j <= i, so the
+  // input order (kCompact8).  Each step writes 8 elements at key + j and idx + j; j <= i, so the
   // writes stay inside [begin, end) of the caller's compacted chunk.  The kernel alone, on the
   // 126.9k points of KITTI scan 000002 (1 thread, warm, an AMD EPYC without AVX-512): 270 us
   // with two points per step, 190 us with eight and masked stores of pv, 154 us as here.
